@@ -1,0 +1,81 @@
+"""``naive-quantized`` / ``int-quantized`` / ``float-quantized``: one storage, three names.
+
+The codes are stored unpacked: int8 (int16/int32 for wider ints; 4-bit values of W4A8 too) or
+``float8_e4m3fn``, beside a model-dtype scale and, for asymmetric ints, an int8 zero point of the
+scale's shape (ct-format.md §3.2). The format name only records how the writer chose it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ctref import qmath
+from ctref.config import QuantArgs
+from ctref.formats.base import (
+    TensorSpec,
+    check_codes_in_range,
+    qparam_tensors,
+    read_g_idx,
+    read_scale,
+    register,
+    require,
+    require_args,
+    scale_dtypes,
+)
+
+
+@register
+class NaiveQuantized:
+    names = ("naive-quantized", "int-quantized", "float-quantized")
+
+    def expected_tensors(
+        self, args: QuantArgs | None, weight_shape: Sequence[int], *, layout: str
+    ) -> list[TensorSpec]:
+        args = require_args(args, self.names[0])
+        shape = tuple(weight_shape)
+        params = qmath.param_shape(args, shape)
+        specs = [
+            TensorSpec("weight", (qmath.code_dtype(args),), shape),
+            TensorSpec("weight_scale", scale_dtypes(args), params),
+        ]
+        if not args.symmetric:
+            specs.append(TensorSpec("weight_zero_point", (args.zp_dtype,), params))
+        if args.legacy_group_actorder:
+            specs.append(TensorSpec("weight_g_idx", (torch.int32,), (shape[-1],), required=False))
+        return specs
+
+    def decode(
+        self, tensors: Mapping[str, torch.Tensor], args: QuantArgs | None, *, layout: str
+    ) -> torch.Tensor:
+        args = require_args(args, self.names[0])
+        codes = require(tensors, "weight", (qmath.code_dtype(args),))
+        shape = tuple(codes.shape)
+        scale = read_scale(tensors, args, shape)
+        zero_point = None
+        if args.type == "int":
+            check_codes_in_range(codes, args, "weight")
+            if not args.symmetric:
+                zero_point = require(tensors, "weight_zero_point", (torch.int8, args.zp_dtype))
+                qmath.check_param(zero_point, args, shape, name="weight_zero_point")
+        g_idx = read_g_idx(tensors, args, shape)
+        return qmath.dequantize(codes, scale, zero_point, args=args, g_idx=g_idx)
+
+    def encode(
+        self,
+        weight: torch.Tensor,
+        args: QuantArgs | None,
+        *,
+        layout: str = "dense",
+        qparams: qmath.QParams | None = None,
+    ) -> dict[str, torch.Tensor]:
+        args = require_args(args, self.names[0])
+        qparams = qparams or qmath.qparams_for(weight, args)
+        codes = qmath.quantize(
+            weight, qparams.scale, qparams.zero_point, args=args, g_idx=qparams.g_idx
+        )
+        out = {"weight": codes.to(qmath.code_dtype(args)), **qparam_tensors(qparams)}
+        if qparams.zero_point is not None:
+            out["weight_zero_point"] = qparams.zero_point.to(args.zp_dtype)
+        return out

@@ -1,0 +1,53 @@
+"""How everything in ctref is run: ``nox -s <session>``.
+
+Sessions build their own virtual environment with the CPU build of torch pinned in
+``constraints/cpu.txt``. Inside an environment that already has its own torch (an engine
+container), run ``nox --no-venv -s <session>``: nothing is pinned then, and the torch there is kept.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+CONSTRAINTS = "constraints/cpu.txt"
+LEGACY_PEER = "compressed-tensors==0.14.0.1"
+
+
+def install(session: nox.Session, *args: str) -> None:
+    """pip install ``args``, pinning the CPU torch unless running in an existing environment."""
+    pinned = session.venv_backend != "none" and not os.environ.get("CTREF_KEEP_TORCH")
+    session.install(*(["-c", CONSTRAINTS] if pinned else []), *args)
+
+
+def workers() -> str:
+    return os.environ.get("CTREF_WORKERS", "auto")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The project's own tests, the peer cross-checks against compressed-tensors 0.20 included."""
+    install(session, "-e", ".[test,peer]")
+    session.run(
+        "pytest", "tests", "-n", workers(), "-m", "not slow and not gpu and not peer_legacy",
+        *session.posargs,
+    )
+
+
+@nox.session(name="peer-legacy", python=PYTHON)
+def peer_legacy(session: nox.Session) -> None:
+    """Cross-checks of the legacy formats (sparse, marlin-24, act-order) against 0.14.0.1."""
+    install(session, "-e", ".[test]", LEGACY_PEER, "transformers")
+    session.run("pytest", "tests", "-n", workers(), "-m", "peer_legacy", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Decode speed of ctref against compressed-tensors, same run, same tensors."""
+    install(session, "-e", ".[peer]")
+    session.run("python", "benchmarks/bench_decode.py", *session.posargs)
