@@ -62,14 +62,15 @@ def unpack(packed: torch.Tensor, bits: int, length: int, layout: str = "dense") 
             f"{length} values of {bits} bits take {expected} int32 words in the {layout} "
             f"layout, found {packed.shape[-1]}"
         )
-    words = packed.to(torch.int64) & _WORD_MASK
     mask = (1 << bits) - 1
     if _WORD % bits == 0 or layout == "legacy":
+        # Whole fields per word: int32 shifts suffice, the mask drops the sign extension.
         per_word = _WORD // bits
-        shifts = torch.arange(per_word, device=packed.device) * bits
-        fields = ((words.unsqueeze(-1) >> shifts) & mask).flatten(-2)
+        shifts = torch.arange(per_word, dtype=torch.int32, device=packed.device) * bits
+        fields = ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
     else:
         low, shift = _straddle_plan(bits, packed.device)
+        words = packed.to(torch.int64) & _WORD_MASK
         chunks = _pad_last(words, bits).unflatten(-1, (-1, bits))
         chunks = torch.nn.functional.pad(chunks, (0, 1))
         pairs = chunks[..., low] | (chunks[..., low + 1] << _WORD)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ctref import qmath
+from ctref.compute import fused
 from ctref.config import QuantArgs
 from ctref.formats.base import (
     TensorSpec,
@@ -24,6 +25,9 @@ from ctref.formats.base import (
     require_args,
     scale_dtypes,
 )
+
+
+_dequantize_codes = fused(qmath.dequantize)
 
 
 @register
@@ -60,7 +64,7 @@ class NaiveQuantized:
                 zero_point = require(tensors, "weight_zero_point", (torch.int8, args.zp_dtype))
                 qmath.check_param(zero_point, args, shape, name="weight_zero_point")
         g_idx = read_g_idx(tensors, args, shape)
-        return qmath.dequantize(codes, scale, zero_point, args=args, g_idx=g_idx)
+        return _dequantize_codes(codes, scale, zero_point, args=args, g_idx=g_idx)
 
     def encode(
         self,

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ctref import packing, qmath
+from ctref.compute import fused
 from ctref.config import QuantArgs
 from ctref.errors import CTRefError
 from ctref.formats.base import (
@@ -65,13 +66,15 @@ class PackQuantized:
         args = require_args(args, self.names[0])
         packed = require(tensors, "weight_packed", (torch.int32,))
         shape = _weight_shape(tensors, packed)
-        codes = _unpack(packed, args.num_bits, shape[-1], layout, "weight_packed")
+        _check_width(packed, args.num_bits, shape[-1], layout, "weight_packed")
         scale = read_scale(tensors, args, shape)
         zero_point = None
         if not args.symmetric:
             zero_point = _read_zero_point(tensors, args, shape, layout)
         g_idx = read_g_idx(tensors, args, shape)
-        return qmath.dequantize(codes, scale, zero_point, args=args, g_idx=g_idx)
+        return _dequantize_packed(
+            packed, scale, zero_point, g_idx, args=args, length=shape[-1], layout=layout
+        )
 
     def encode(
         self,
@@ -117,11 +120,31 @@ def _weight_shape(tensors: Mapping[str, torch.Tensor], packed: torch.Tensor) -> 
     return shape
 
 
-def _unpack(packed: torch.Tensor, bits: int, length: int, layout: str, name: str) -> torch.Tensor:
-    try:
-        return packing.unpack(packed, bits, length, layout)
-    except CTRefError as error:
-        raise CTRefError(error.rule, key=error.key, tensor=name) from None
+@fused
+def _dequantize_packed(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    *,
+    args: QuantArgs,
+    length: int,
+    layout: str,
+) -> torch.Tensor:
+    """Unpack and dequantize in one fused pass for large weights (:mod:`ctref.compute`)."""
+    codes = packing.unpack(packed, args.num_bits, length, layout)
+    return qmath.dequantize(codes, scale, zero_point, args=args, g_idx=g_idx)
+
+
+def _check_width(packed: torch.Tensor, bits: int, length: int, layout: str, name: str) -> None:
+    """The last dimension must hold exactly the words ``length`` fields take in ``layout``."""
+    expected = packing.packed_width(length, bits, layout)
+    if packed.shape[-1] != expected:
+        raise CTRefError(
+            f"{length} values of {bits} bits take {expected} int32 words in the {layout} "
+            f"layout, found {packed.shape[-1]}",
+            tensor=name,
+        )
 
 
 def _read_zero_point(
@@ -138,8 +161,7 @@ def _read_zero_point(
             f"not '{args.strategy}'",
             tensor="weight_zero_point",
         )
-    zero_point = _unpack(
-        stored.transpose(-1, -2), args.num_bits, shape[-2], layout, "weight_zero_point"
-    ).transpose(-1, -2)
+    _check_width(stored.transpose(-1, -2), args.num_bits, shape[-2], layout, "weight_zero_point")
+    zero_point = packing.unpack_along_rows(stored, args.num_bits, shape[-2], layout)
     qmath.check_param(zero_point, args, shape, name="weight_zero_point")
     return zero_point
