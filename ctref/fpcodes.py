@@ -4,6 +4,9 @@ Hand-written tables, because torch's own dtypes do not carry the format's semant
 ``float4_e2m1fn_x2`` is storage-only (no casts at all), and ``float8_e8m0fnu`` decodes code 255 as
 NaN where the format decodes +inf (torch-and-gpu-notes.md; ct-format.md §3.5). FP8 E4M3 is
 ``torch.float8_e4m3fn``, whose casts are the format's.
+
+Also the one copy of the sub-byte layouts: FP4 nibbles (two codes a byte, low nibble first) and
+FP6 triples (four codes in three little-endian bytes).
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 """FP4 magnitude of index 0..7; a code is ``sign << 3 | index`` (§3.4)."""
 
 E2M3_MAGNITUDES = tuple(
-    [m / 8 for m in range(8)]
-    + [(1 + m / 8) * 2 ** (e - 1) for e in range(1, 4) for m in range(8)]
+    [m / 8 for m in range(8)] + [(1 + m / 8) * 2 ** (e - 1) for e in range(1, 4) for m in range(8)]
 )
 """FP6 magnitude of index 0..31 (subnormals m/8, then 1…7.5); a code is ``sign << 5 | index``."""
 
@@ -43,14 +45,16 @@ def code_table(bits: int, device: torch.device | str | None = None) -> torch.Ten
 def decode(codes: torch.Tensor, bits: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Element values of integer ``codes`` (sign bit on top), exact in ``dtype``."""
     table = code_table(bits, codes.device).to(dtype)
-    return table[codes.to(torch.int64)]
+    flat = table.index_select(0, codes.reshape(-1).to(torch.int32))
+    return flat.reshape(codes.shape)
 
 
 def round_to_grid(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Round already-clamped values to the nearest FP4/FP6 value, ties to even (§2.2).
 
-    The sign is re-applied as the writer does (``value * sign(x)``), so a small negative value
-    becomes -0.0 while -0.0 itself becomes +0.0; both decode to zero.
+    The sign is re-applied as the writer does, which differs for -0.0: FP4 multiplies by
+    ``sign(x)`` (a small negative value becomes -0.0, -0.0 itself +0.0), FP6 uses ``copysign``
+    (-0.0 stays -0.0). Both zeros decode to zero, but their codes differ (sign bit).
     """
     grid = magnitudes(bits, x.device).to(x.dtype)
     midpoints = (grid[1:] + grid[:-1]) / 2
@@ -58,7 +62,9 @@ def round_to_grid(x: torch.Tensor, bits: int) -> torch.Tensor:
     index = torch.bucketize(magnitude, midpoints)
     at_midpoint = magnitude == midpoints[index.clamp(max=midpoints.numel() - 1)]
     index = torch.where(at_midpoint & (index % 2 == 1), index + 1, index)
-    return grid[index] * torch.sign(x)
+    if bits == 4:
+        return grid[index] * torch.sign(x)
+    return torch.copysign(grid[index], x)
 
 
 def encode(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -70,6 +76,60 @@ def encode(values: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"values off the FP{bits} grid cannot be encoded")
     negative = torch.signbit(values).to(torch.uint8)
     return (negative << _SIGN_BIT[bits]) | index.to(torch.uint8)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack FP4 codes (..., K), K even, two a byte: byte ``j`` = ``code[2j] | code[2j+1] << 4``."""
+    pairs = codes.to(torch.uint8).unflatten(-1, (codes.shape[-1] // 2, 2))
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """FP4 codes (..., 2W) of uint8 bytes (..., W): low nibble first."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+
+
+def unpack_fp4_values(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP4 values (..., 2W) in ``dtype`` (2 or 4 bytes wide) of uint8 bytes (..., W).
+
+    Equal to ``decode(unpack_fp4(packed), 4, dtype)``, but looks each byte up once in a 256-entry
+    table of value pairs (one gather per byte instead of two unpacks and a gather per code).
+    """
+    byte_values = torch.arange(256, dtype=torch.uint8, device=packed.device).unsqueeze(-1)
+    pairs = decode(unpack_fp4(byte_values), 4, dtype)
+    pair_as_word = pairs.view({2: torch.int32, 4: torch.int64}[pairs.element_size()]).squeeze(-1)
+    words = pair_as_word.index_select(0, packed.reshape(-1).to(torch.int32))
+    return words.view(dtype).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+_FP6_SHIFTS = (0, 6, 12, 18)
+_TRIPLE_BYTE_SHIFTS = (0, 8, 16)
+
+
+def pack_fp6(codes: torch.Tensor) -> torch.Tensor:
+    """Pack FP6 codes (..., K), K % 4 == 0, into (..., 3K/4) bytes.
+
+    Four codes form a 24-bit little-endian word ``c0 | c1 << 6 | c2 << 12 | c3 << 18``, stored as
+    its three bytes, low byte first (§3.6).
+    """
+    quads = codes.to(torch.int32).unflatten(-1, (codes.shape[-1] // 4, 4))
+    shifts = torch.tensor(_FP6_SHIFTS, dtype=torch.int32, device=codes.device)
+    word = (quads << shifts).sum(dim=-1, dtype=torch.int32)
+    byte_shifts = torch.tensor(_TRIPLE_BYTE_SHIFTS, dtype=torch.int32, device=codes.device)
+    return ((word.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).flatten(-2)
+
+
+def unpack_fp6(packed: torch.Tensor) -> torch.Tensor:
+    """FP6 codes (..., 4W/3) of uint8 bytes (..., W), W % 3 == 0; inverse of :func:`pack_fp6`."""
+    triples = packed.to(torch.int32).unflatten(-1, (packed.shape[-1] // 3, 3))
+    byte_shifts = torch.tensor(_TRIPLE_BYTE_SHIFTS, dtype=torch.int32, device=packed.device)
+    word = (triples << byte_shifts).sum(dim=-1, dtype=torch.int32)
+    shifts = torch.tensor(_FP6_SHIFTS, dtype=torch.int32, device=packed.device)
+    return ((word.unsqueeze(-1) >> shifts) & 0x3F).to(torch.uint8).flatten(-2)
+
+
+E8M0_INF = 255
+"""The E8M0 code the format decodes as +inf (OCP MX says NaN); see :func:`e8m0_table`."""
 
 
 def e8m0_table(device: torch.device | str | None = None) -> torch.Tensor:

@@ -1,0 +1,69 @@
+"""``mxfp8-quantized`` (0.15.0+): unpacked ``float8_e4m3fn`` weights with E8M0 group scales.
+
+Stored per module (ct-format.md §3.7): ``weight`` ``float8_e4m3fn`` (..., N, K); ``weight_scale``
+uint8 E8M0 codes (..., N, K/32). Decoding is ``bf16(fp8) * bf16(2^(u-127))`` in bf16, with the E8M0
+rules of :mod:`ctref.formats.mxfp4`. FP8 NaN codes (0x7F, 0xFF) are refused: they would decode
+to NaN weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ctref import qmath
+from ctref.config import QuantArgs
+from ctref.errors import CTRefError
+from ctref.formats.base import TensorSpec, register, require
+from ctref.formats.mxfp4 import MX_STRATEGIES, dequantize_mx, quantize_mx
+from ctref.formats.nvfp4 import check_columns, check_float_args, check_weight, split_shape
+
+_FP8_NAN_BITS = 0x7F
+"""E4M3FN has no Inf; exponent and mantissa all ones (either sign) is NaN."""
+
+
+def _refuse_nan(codes: torch.Tensor) -> torch.Tensor:
+    """FP8 codes as they are, refused if any is NaN (checked block by block, while in cache)."""
+    if bool(((codes.view(torch.uint8) & _FP8_NAN_BITS) == _FP8_NAN_BITS).any()):
+        raise CTRefError("holds FP8 NaN codes (0x7F/0xFF)", tensor="weight")
+    return codes
+
+
+@register
+class Mxfp8Quantized:
+    names = ("mxfp8-quantized",)
+
+    def expected_tensors(
+        self, args: QuantArgs | None, weight_shape: Sequence[int], *, layout: str
+    ) -> list[TensorSpec]:
+        """FP8 weight and E8M0 scales; ``layout`` is unused."""
+        args = check_float_args(args, self.names[0], 8, MX_STRATEGIES)
+        _, _, cols = split_shape(weight_shape, tensor="weight")
+        check_columns(cols, args, 1, tensor="weight")
+        return [
+            TensorSpec("weight", (torch.float8_e4m3fn,), tuple(weight_shape)),
+            TensorSpec("weight_scale", (torch.uint8,), qmath.param_shape(args, weight_shape)),
+        ]
+
+    def decode(
+        self, tensors: Mapping[str, torch.Tensor], args: QuantArgs | None, *, layout: str
+    ) -> torch.Tensor:
+        args = check_float_args(args, self.names[0], 8, MX_STRATEGIES)
+        weight = require(tensors, "weight", (torch.float8_e4m3fn,))
+        _, _, cols = split_shape(weight.shape, tensor="weight")
+        check_columns(cols, args, 1, tensor="weight")
+        return dequantize_mx(weight, _refuse_nan, cols, tensors, args, 8)
+
+    def encode(
+        self,
+        weight: torch.Tensor,
+        args: QuantArgs | None,
+        *,
+        layout: str = "dense",
+        qparams: qmath.QParams | None = None,
+    ) -> dict[str, torch.Tensor]:
+        args = check_float_args(args, self.names[0], 8, MX_STRATEGIES)
+        check_weight(weight, args, 1)
+        codes, scale_codes = quantize_mx(weight, args, qparams)
+        return {"weight": codes, "weight_scale": scale_codes}
