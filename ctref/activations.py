@@ -15,13 +15,13 @@ checkpoint reader adds the module and file.
 
 from __future__ import annotations
 
-import math
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ctref import qmath
 from ctref.config import QuantArgs, QuantScheme
 from ctref.errors import CTRefError
 from ctref.formats.base import scale_dtypes
@@ -92,22 +92,6 @@ class ActivationParams:
             raise CTRefError(f"missing: {reason}", tensor=f"{self.module}.{name}")
 
 
-def _cdiv(value: int | None, divisor: int) -> int | None:
-    return None if value is None else math.ceil(value / divisor)
-
-
-def _param_shape(args: QuantArgs, observed: Shape) -> Shape | None:
-    """0.20.0's shape rule for an activation scale over an ``observed`` shape."""
-    strategy = args.strategy
-    if strategy == "tensor":
-        return (1,)
-    if strategy in ("group", "tensor_group"):
-        return (*observed[:-1], _cdiv(observed[-1], args.group_size))
-    if strategy == "attn_head" and len(observed) >= 3:
-        return (observed[-3], 1, 1)
-    return None
-
-
 def expected_params(
     base: str, args: QuantArgs | None, observed: Shape, where: str
 ) -> list[ExpectedParam]:
@@ -127,7 +111,7 @@ def expected_params(
         )
     if args.dynamic == "local":
         return expected
-    shape = _param_shape(args, observed)
+    shape = qmath.param_shape(args, observed)
     expected.append(
         ExpectedParam(
             f"{base}_scale",

@@ -62,24 +62,36 @@ def is_mx(args: QuantArgs) -> bool:
     )
 
 
-def param_shape(args: QuantArgs, weight_shape: Sequence[int]) -> tuple[int, ...]:
-    """The shape of a weight's scale (and zero point) for its strategy (§2.3).
+def param_shape(args: QuantArgs, observed_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+    """The shape of the scale (and zero point) of a tensor of ``observed_shape`` (§2.3, §4).
 
-    Stacked 3-D expert weights carry their leading dimensions on every per-row strategy; a
-    tensor-strategy parameter is one element, ``(1,)``.
+    Weights are ``(..., N, K)``: stacked 3-D expert weights carry their leading dimensions on
+    every per-row strategy. Activations are observed over their last dimensions (``(K,)`` for an
+    input, ``(heads, seq, head_dim)`` for attention). A tensor-strategy parameter is ``(1,)``.
+    A dimension the caller does not know (None) stays unknown in the result.
     """
-    *lead, rows, cols = weight_shape
+    shape = tuple(observed_shape)
     strategy = args.strategy
     if strategy == "tensor":
         return (1,)
-    if strategy == "channel":
-        return (*lead, rows, 1)
-    if strategy in ("group", "tensor_group"):
-        return (*lead, rows, math.ceil(cols / args.group_size))
-    if strategy == "block":
+    if strategy in ("group", "tensor_group") and len(shape) >= 1:
+        return (*shape[:-1], _cdiv(shape[-1], args.group_size))
+    if strategy == "channel" and len(shape) >= 2:
+        return (*shape[:-1], 1)
+    if strategy == "block" and len(shape) >= 2:
         block_rows, block_cols = args.block_structure
-        return (*lead, math.ceil(rows / block_rows), math.ceil(cols / block_cols))
-    raise CTRefError(f"strategy '{strategy}' does not apply to weights", key="strategy")
+        *lead, rows, cols = shape
+        return (*lead, _cdiv(rows, block_rows), _cdiv(cols, block_cols))
+    if strategy == "attn_head" and len(shape) >= 3:
+        return (shape[-3], 1, 1)
+    raise CTRefError(
+        f"strategy '{strategy}' has no stored parameter for a tensor of shape {shape}",
+        key="strategy",
+    )
+
+
+def _cdiv(value: int | None, divisor: int) -> int | None:
+    return None if value is None else -(-value // divisor)
 
 
 def check_param(

@@ -358,7 +358,7 @@ def test_tied_copy_under_another_module_is_used() -> None:
     hadamard = torch.diag(random_signs(K, 7)) @ sylvester(K)
     perm = torch.randperm(K, generator=torch.Generator().manual_seed(8))
     stored = {f"{first}.v_input.weight": hadamard, f"{first}.v_input.perm": perm}
-    weight, x = layer_weight(), inputs()
+    weight = layer_weight()
 
     with pytest.raises(CTRefError, match="no tied copy") as error:
         effective_weight(second, weight, tied_config(), lookup(stored))
