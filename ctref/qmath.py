@@ -123,6 +123,16 @@ def check_g_idx(g_idx: torch.Tensor, args: QuantArgs, cols: int, *, name: str) -
         raise CTRefError(
             f"group indices must lie in [0, {groups - 1}], found [{low}, {high}]", tensor=name
         )
+    sizes = torch.bincount(g_idx.to(torch.int64), minlength=groups)
+    expected = torch.full_like(sizes, args.group_size)
+    expected[-1] = cols - args.group_size * (groups - 1)
+    if not torch.equal(sizes, expected):
+        group = int((sizes != expected).nonzero()[0])
+        raise CTRefError(
+            f"each group holds {args.group_size} columns, but group {group} is assigned "
+            f"{int(sizes[group])}",
+            tensor=name,
+        )
 
 
 def g_idx_is_placeholder(g_idx: torch.Tensor | None) -> bool:
@@ -307,9 +317,10 @@ def calculate_qparams(
     """Scale and zero point from observed ranges, as the writer derives them (§2.2).
 
     The range always includes 0. Symmetric: ``amax / ((qmax - qmin) / 2)`` (int4: amax/7.5), or
-    the MX power-of-two rule. Asymmetric (ints only): ``(max - min) / (qmax - qmin)`` and
-    ``zp = round(clamp(qmin - min / scale))``. A global scale multiplies, ``scale_dtype`` rounds,
-    zero scales become eps. The zero point is ``None`` for symmetric args.
+    the MX power-of-two rule. Asymmetric: ``(max - min) / (qmax - qmin)`` and
+    ``zp = round(clamp(qmin - min / scale))`` (FP8 too; FP4/FP6 have no asymmetric form). A
+    global scale multiplies, ``scale_dtype`` rounds, zero scales become eps. The zero point is
+    ``None`` for symmetric args.
     """
     min_vals = torch.minimum(min_vals, torch.zeros_like(min_vals))
     max_vals = torch.maximum(max_vals, torch.zeros_like(max_vals))
@@ -323,8 +334,8 @@ def calculate_qparams(
         else:
             scales = amax / (span / 2)
     else:
-        if args.type == "float":
-            raise CTRefError("asymmetric quantization is not defined for float types", key="symmetric")
+        if args.type == "float" and args.num_bits in (4, 6):
+            raise CTRefError("asymmetric quantization is not defined for FP4/FP6", key="symmetric")
         scales = (max_vals - min_vals) / span
         zero_point = torch.clamp(low - min_vals / scales, low, high)
     if global_scale is not None:

@@ -107,10 +107,32 @@ def require_finite(scale: torch.Tensor, name: str) -> None:
         raise CTRefError("holds NaN or Inf values; a scale must be finite", tensor=name)
 
 
-def require_args(args: QuantArgs | None, format_name: str) -> QuantArgs:
+def require_args(
+    args: QuantArgs | None, format_name: str, *, types: Sequence[tuple[str, int | None]] = ()
+) -> QuantArgs:
+    """The weight args a quantized format needs; ``types`` limits the (type, bits) it stores.
+
+    ``("int", None)`` admits every int width; ``("float", 8)`` only FP8.
+    """
     if args is None:
         raise CTRefError(f"format '{format_name}' needs weight quantization arguments", key="weights")
+    if types and not any(
+        args.type == kind and bits in (None, args.num_bits) for kind, bits in types
+    ):
+        stores = " or ".join(kind if bits is None else f"{bits}-bit {kind}" for kind, bits in types)
+        raise CTRefError(
+            f"format '{format_name}' stores {stores} codes, not {args.num_bits}-bit {args.type}",
+            key="weights.type",
+        )
     return args
+
+
+def require_matrix(shape: Sequence[int], name: str) -> None:
+    """A quantized weight is a matrix ``(N, K)`` or a stack of expert matrices ``(E, N, K)``."""
+    if len(shape) not in (2, 3):
+        raise CTRefError(
+            f"a quantized weight has 2 or 3 dimensions, found shape {tuple(shape)}", tensor=name
+        )
 
 
 SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -159,6 +181,12 @@ def check_codes_in_range(codes: torch.Tensor, args: QuantArgs, name: str) -> Non
             f"found [{found_low}, {found_high}]",
             tensor=name,
         )
+
+
+def check_fp8_finite(codes: torch.Tensor, name: str) -> None:
+    """E4M3 has no infinities; its two NaN codes (0x7F, 0xFF) never come from a quantizer."""
+    if bool(((codes.view(torch.uint8) & 0x7F) == 0x7F).any()):
+        raise CTRefError("holds FP8 NaN codes (0x7F or 0xFF)", tensor=name)
 
 
 def qparam_tensors(qparams: qmath.QParams) -> dict[str, torch.Tensor]:

@@ -17,17 +17,22 @@ from ctref.config import QuantArgs
 from ctref.formats.base import (
     TensorSpec,
     check_codes_in_range,
+    check_fp8_finite,
     qparam_tensors,
     read_g_idx,
     read_scale,
     register,
     require,
     require_args,
+    require_matrix,
     scale_dtypes,
 )
 
 
 _dequantize_codes = fused(qmath.dequantize)
+
+
+_STORED_TYPES = (("int", None), ("float", 8))
 
 
 @register
@@ -37,7 +42,7 @@ class NaiveQuantized:
     def expected_tensors(
         self, args: QuantArgs | None, weight_shape: Sequence[int], *, layout: str
     ) -> list[TensorSpec]:
-        args = require_args(args, self.names[0])
+        args = require_args(args, self.names[0], types=_STORED_TYPES)
         shape = tuple(weight_shape)
         params = qmath.param_shape(args, shape)
         specs = [
@@ -53,16 +58,21 @@ class NaiveQuantized:
     def decode(
         self, tensors: Mapping[str, torch.Tensor], args: QuantArgs | None, *, layout: str
     ) -> torch.Tensor:
-        args = require_args(args, self.names[0])
+        args = require_args(args, self.names[0], types=_STORED_TYPES)
         codes = require(tensors, "weight", (qmath.code_dtype(args),))
         shape = tuple(codes.shape)
+        require_matrix(shape, "weight")
         scale = read_scale(tensors, args, shape)
-        zero_point = None
         if args.type == "int":
             check_codes_in_range(codes, args, "weight")
-            if not args.symmetric:
-                zero_point = require(tensors, "weight_zero_point", (torch.int8, args.zp_dtype))
-                qmath.check_param(zero_point, args, shape, name="weight_zero_point")
+        else:
+            check_fp8_finite(codes, "weight")
+        zero_point = None
+        if not args.symmetric:
+            zero_point = require(tensors, "weight_zero_point", (torch.int8, args.zp_dtype))
+            qmath.check_param(zero_point, args, shape, name="weight_zero_point")
+            if args.type == "int":
+                check_codes_in_range(zero_point, args, "weight_zero_point")
         g_idx = read_g_idx(tensors, args, shape)
         return _dequantize_codes(codes, scale, zero_point, args=args, g_idx=g_idx)
 
@@ -74,7 +84,7 @@ class NaiveQuantized:
         layout: str = "dense",
         qparams: qmath.QParams | None = None,
     ) -> dict[str, torch.Tensor]:
-        args = require_args(args, self.names[0])
+        args = require_args(args, self.names[0], types=_STORED_TYPES)
         qparams = qparams or qmath.qparams_for(weight, args)
         codes = qmath.quantize(
             weight, qparams.scale, qparams.zero_point, args=args, g_idx=qparams.g_idx

@@ -18,12 +18,14 @@ from ctref.config import QuantArgs
 from ctref.errors import CTRefError
 from ctref.formats.base import (
     TensorSpec,
+    check_codes_in_range,
     qparam_tensors,
     read_g_idx,
     read_scale,
     register,
     require,
     require_args,
+    require_matrix,
     scale_dtypes,
 )
 
@@ -39,7 +41,7 @@ class PackQuantized:
     def expected_tensors(
         self, args: QuantArgs | None, weight_shape: Sequence[int], *, layout: str
     ) -> list[TensorSpec]:
-        args = require_args(args, self.names[0])
+        args = require_args(args, self.names[0], types=(("int", None),))
         *lead, rows, cols = weight_shape
         bits = args.num_bits
         params = qmath.param_shape(args, weight_shape)
@@ -63,7 +65,7 @@ class PackQuantized:
     def decode(
         self, tensors: Mapping[str, torch.Tensor], args: QuantArgs | None, *, layout: str
     ) -> torch.Tensor:
-        args = require_args(args, self.names[0])
+        args = require_args(args, self.names[0], types=(("int", None),))
         packed = require(tensors, "weight_packed", (torch.int32,))
         shape = _weight_shape(tensors, packed)
         _check_width(packed, args.num_bits, shape[-1], layout, "weight_packed")
@@ -84,7 +86,7 @@ class PackQuantized:
         layout: str = "dense",
         qparams: qmath.QParams | None = None,
     ) -> dict[str, torch.Tensor]:
-        args = require_args(args, self.names[0])
+        args = require_args(args, self.names[0], types=(("int", None),))
         qparams = qparams or qmath.qparams_for(weight, args)
         codes = qmath.quantize(
             weight, qparams.scale, qparams.zero_point, args=args, g_idx=qparams.g_idx
@@ -112,6 +114,7 @@ def _weight_shape(tensors: Mapping[str, torch.Tensor], packed: torch.Tensor) -> 
             tensor="weight_shape",
         )
     shape = tuple(int(v) for v in stored.tolist())
+    require_matrix(shape, "weight_shape")
     if shape[:-1] != tuple(packed.shape[:-1]) or shape[-1] <= 0:
         raise CTRefError(
             f"weight_shape {list(shape)} does not fit weight_packed {tuple(packed.shape)}",
@@ -154,6 +157,7 @@ def _read_zero_point(
     stored = require(tensors, "weight_zero_point", (torch.int32, torch.int8))
     if stored.dtype == torch.int8:
         qmath.check_param(stored, args, shape, name="weight_zero_point")
+        check_codes_in_range(stored, args, "weight_zero_point")
         return stored
     if not _zero_point_packed(args):
         raise CTRefError(
