@@ -14,6 +14,7 @@ values come back signed, as int8.
 from __future__ import annotations
 
 import math
+import sys
 from functools import lru_cache
 
 import torch
@@ -21,7 +22,11 @@ import torch
 from ctref.errors import CTRefError
 
 LAYOUTS = ("dense", "legacy")
+
+if sys.byteorder != "little":  # int32 words are read back as their bytes in memory order
+    raise ImportError("ctref.packing assumes a little-endian machine")
 _WORD = 32
+_BYTE = 8
 _WORD_MASK = (1 << _WORD) - 1
 
 
@@ -63,8 +68,15 @@ def unpack(packed: torch.Tensor, bits: int, length: int, layout: str = "dense") 
             f"layout, found {packed.shape[-1]}"
         )
     mask = (1 << bits) - 1
-    if _WORD % bits == 0 or layout == "legacy":
-        # Whole fields per word: int32 shifts suffice, the mask drops the sign extension.
+    if _BYTE % bits == 0:
+        # Fields never straddle a byte (both layouts agree): read the little-endian words as
+        # bytes and split each byte with constant shifts, which compilers vectorize.
+        stream = packed.contiguous().reshape(-1).view(torch.uint8)
+        stream = stream.reshape(*packed.shape[:-1], 4 * packed.shape[-1])
+        fields = torch.stack(
+            [(stream >> (bits * slot)) & mask for slot in range(_BYTE // bits)], dim=-1
+        ).flatten(-2)
+    elif layout == "legacy":
         per_word = _WORD // bits
         shifts = torch.arange(per_word, dtype=torch.int32, device=packed.device) * bits
         fields = ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
@@ -75,7 +87,9 @@ def unpack(packed: torch.Tensor, bits: int, length: int, layout: str = "dense") 
         chunks = torch.nn.functional.pad(chunks, (0, 1))
         pairs = chunks[..., low] | (chunks[..., low + 1] << _WORD)
         fields = ((pairs >> shift) & mask).flatten(-2)
-    return (fields[..., :length] - (1 << (bits - 1))).to(torch.int8)
+    # int8 arithmetic, which compilers vectorize; for 8 bits, fields above 127 wrap on the cast
+    # and wrap back on the subtraction (two's complement), landing exactly on u - 128.
+    return fields[..., :length].to(torch.int8) - (1 << (bits - 1))
 
 
 def pack_along_rows(values: torch.Tensor, bits: int, layout: str = "dense") -> torch.Tensor:
