@@ -36,7 +36,8 @@ def _mode() -> str:
     return mode
 
 
-def _wants_compile(args: tuple[Any, ...]) -> bool:
+def wants_compile(*args: Any) -> bool:
+    """Whether :func:`fused` would compile for these arguments (their tensors' size, the mode)."""
     mode = _mode()
     if mode == "never" or _compile_broken:
         return False
@@ -61,7 +62,7 @@ def fused(fn: F) -> F:
     @functools.wraps(fn)
     def run(*args: Any, out: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         global _compile_broken
-        if _wants_compile(args):
+        if wants_compile(*args):
             with_out = out is not None
             if with_out not in compiled:
                 compiled[with_out] = torch.compile(into if with_out else fn, dynamic=False)

@@ -102,6 +102,11 @@ def unpack_fp4_values(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return words.view(dtype).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
+def unpack_fp6_values(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP6 values (..., 4W/3) in ``dtype`` of packed bytes (..., W)."""
+    return decode(unpack_fp6(packed), 6, dtype)
+
+
 _FP6_SHIFTS = (0, 6, 12, 18)
 _TRIPLE_BYTE_SHIFTS = (0, 8, 16)
 

@@ -73,9 +73,14 @@ def unpack(packed: torch.Tensor, bits: int, length: int, layout: str = "dense") 
         # bytes and split each byte with constant shifts, which compilers vectorize.
         stream = packed.contiguous().reshape(-1).view(torch.uint8)
         stream = stream.reshape(*packed.shape[:-1], 4 * packed.shape[-1])
-        fields = torch.stack(
-            [(stream >> (bits * slot)) & mask for slot in range(_BYTE // bits)], dim=-1
-        ).flatten(-2)
+        if stream.is_cuda:
+            # Triton fuses a per-slot shift into the consumer: one kernel, no byte planes.
+            shifts = torch.arange(0, _BYTE, bits, dtype=torch.uint8, device=stream.device)
+            fields = ((stream.unsqueeze(-1) >> shifts) & mask).flatten(-2)
+        else:
+            fields = torch.stack(
+                [(stream >> (bits * slot)) & mask for slot in range(_BYTE // bits)], dim=-1
+            ).flatten(-2)
     elif layout == "legacy":
         per_word = _WORD // bits
         shifts = torch.arange(per_word, dtype=torch.int32, device=packed.device) * bits

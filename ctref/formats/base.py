@@ -174,7 +174,7 @@ def check_codes_in_range(codes: torch.Tensor, args: QuantArgs, name: str) -> Non
     if codes.numel() == 0:
         return
     low, high = qmath.q_range(args)
-    found_low, found_high = int(codes.min()), int(codes.max())
+    found_low, found_high = (int(v) for v in torch.aminmax(codes))
     if found_low < low or found_high > high:
         raise CTRefError(
             f"{args.num_bits}-bit values must lie in [{int(low)}, {int(high)}], "

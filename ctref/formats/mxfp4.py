@@ -27,7 +27,7 @@ from ctref.formats.nvfp4 import (
     check_finite_output,
     check_float_args,
     check_weight,
-    dequantize_by_row_blocks,
+    dequantize_values,
     read_fp4_packed,
     split_shape,
 )
@@ -52,15 +52,15 @@ def read_e8m0_scale(
 
 def dequantize_mx(
     stored: torch.Tensor,
-    to_values: Callable[[torch.Tensor], torch.Tensor],
+    to_values: Callable[[torch.Tensor, torch.dtype], torch.Tensor],
     cols: int,
     tensors: Mapping[str, torch.Tensor],
     args: QuantArgs,
     element_bits: int,
 ) -> torch.Tensor:
-    """The bf16 weight of ``stored`` codes and E8M0 scales; see :func:`dequantize_by_row_blocks`."""
+    """The bf16 weight of ``stored`` codes and E8M0 scales; see :func:`dequantize_values`."""
     scale = read_e8m0_scale(tensors, args, (*stored.shape[:-1], cols))
-    weight = dequantize_by_row_blocks(stored, to_values, cols, scale, args)
+    weight = dequantize_values(stored, to_values, OUTPUT_DTYPE, cols, scale, args)
     return check_finite_output(weight, scale, element_bits, "weight_scale")
 
 
@@ -111,12 +111,7 @@ class Mxfp4PackQuantized:
         args = check_float_args(args, self.names[0], 4, MX_STRATEGIES)
         packed = read_fp4_packed(tensors, args)
         return dequantize_mx(
-            packed,
-            lambda rows: fpcodes.unpack_fp4_values(rows, OUTPUT_DTYPE),
-            2 * packed.shape[-1],
-            tensors,
-            args,
-            4,
+            packed, fpcodes.unpack_fp4_values, 2 * packed.shape[-1], tensors, args, 4
         )
 
     def encode(

@@ -17,7 +17,6 @@ from ctref.errors import CTRefError
 from ctref.formats.base import TensorSpec, register, require
 from ctref.formats.mxfp4 import MX_STRATEGIES, dequantize_mx, quantize_mx
 from ctref.formats.nvfp4 import (
-    OUTPUT_DTYPE,
     check_columns,
     check_float_args,
     check_weight,
@@ -56,14 +55,7 @@ class Mxfp6PackQuantized:
             )
         cols = width // 3 * _CODES_PER_TRIPLE
         check_columns(cols, args, _CODES_PER_TRIPLE, tensor="weight_packed")
-        return dequantize_mx(
-            packed,
-            lambda rows: fpcodes.decode(fpcodes.unpack_fp6(rows), 6, OUTPUT_DTYPE),
-            cols,
-            tensors,
-            args,
-            6,
-        )
+        return dequantize_mx(packed, fpcodes.unpack_fp6_values, cols, tensors, args, 6)
 
     def encode(
         self,

@@ -14,20 +14,15 @@ import torch
 
 from ctref import qmath
 from ctref.config import QuantArgs
-from ctref.errors import CTRefError
-from ctref.formats.base import TensorSpec, register, require
+from ctref.formats.base import TensorSpec, check_fp8_finite, register, require
 from ctref.formats.mxfp4 import MX_STRATEGIES, dequantize_mx, quantize_mx
 from ctref.formats.nvfp4 import check_columns, check_float_args, check_weight, split_shape
 
-_FP8_NAN_BITS = 0x7F
 """E4M3FN has no Inf; exponent and mantissa all ones (either sign) is NaN."""
 
 
-def _refuse_nan(codes: torch.Tensor) -> torch.Tensor:
-    """FP8 codes as they are, refused if any is NaN (checked block by block, while in cache)."""
-    if bool(((codes.view(torch.uint8) & _FP8_NAN_BITS) == _FP8_NAN_BITS).any()):
-        raise CTRefError("holds FP8 NaN codes (0x7F/0xFF)", tensor="weight")
-    return codes
+def _fp8_values(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return codes.to(dtype)
 
 
 @register
@@ -53,7 +48,8 @@ class Mxfp8Quantized:
         weight = require(tensors, "weight", (torch.float8_e4m3fn,))
         _, _, cols = split_shape(weight.shape, tensor="weight")
         check_columns(cols, args, 1, tensor="weight")
-        return dequantize_mx(weight, _refuse_nan, cols, tensors, args, 8)
+        check_fp8_finite(weight, "weight")
+        return dequantize_mx(weight, _fp8_values, cols, tensors, args, 8)
 
     def encode(
         self,

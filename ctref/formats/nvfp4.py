@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ctref import fpcodes, qmath
+from ctref import compute, fpcodes, qmath
+from ctref.compute import fused
 from ctref.config import QuantArgs
 from ctref.errors import CTRefError
 from ctref.formats.base import (
@@ -116,20 +117,42 @@ ROW_BLOCK_ELEMENTS = 1 << 20
 steps; much smaller blocks lose that again to per-operation overhead."""
 
 
-def dequantize_by_row_blocks(
+@fused
+def _dequantize_values(
     stored: torch.Tensor,
-    to_values: Callable[[torch.Tensor], torch.Tensor],
+    scale: torch.Tensor,
+    global_scale: torch.Tensor | None,
+    *,
+    to_values: Callable[[torch.Tensor, torch.dtype], torch.Tensor],
+    dtype: torch.dtype,
+    args: QuantArgs,
+) -> torch.Tensor:
+    return qmath.dequantize(
+        to_values(stored, dtype), scale, args=args, global_scale=global_scale, out_dtype=OUTPUT_DTYPE
+    )
+
+
+def dequantize_values(
+    stored: torch.Tensor,
+    to_values: Callable[[torch.Tensor, torch.dtype], torch.Tensor],
+    dtype: torch.dtype,
     cols: int,
     scale: torch.Tensor,
     args: QuantArgs,
     global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The bf16 weight (..., N, cols) of ``stored`` codes (..., N, W), a block of rows at a time.
+    """The bf16 weight (..., N, cols) of ``stored`` codes (..., N, W).
 
-    ``to_values`` turns a block of stored rows into element values (or fp8 codes) of ``cols``
-    columns; :func:`ctref.qmath.dequantize` scales them. ``scale`` is already checked against
-    the weight shape (per expert, or one 2-D scale shared by all experts).
+    ``to_values(rows, dtype)`` (a module-level function, so that a compiled decode is reused)
+    turns stored rows into element values of ``cols`` columns; :func:`ctref.qmath.dequantize`
+    scales them. Large weights run as one fused kernel (:mod:`ctref.compute`); otherwise a block
+    of rows at a time, so the eager intermediates stay in cache. ``scale`` is already checked
+    against the weight shape (per expert, or one 2-D scale shared by all experts).
     """
+    if compute.wants_compile(stored):
+        return _dequantize_values(
+            stored, scale, global_scale, to_values=to_values, dtype=dtype, args=args
+        )
     *lead, rows, width = stored.shape
     stored_rows = stored.reshape(-1, width)
     scale_rows = scale.expand(*lead, rows, scale.shape[-1]).reshape(-1, scale.shape[-1])
@@ -137,12 +160,9 @@ def dequantize_by_row_blocks(
     step = max(1, ROW_BLOCK_ELEMENTS // max(cols, 1))
     for start in range(0, stored_rows.shape[0], step):
         block = slice(start, start + step)
-        weight[block] = qmath.dequantize(
-            to_values(stored_rows[block]),
-            scale_rows[block],
-            args=args,
-            global_scale=global_scale,
-            out_dtype=OUTPUT_DTYPE,
+        weight[block] = _dequantize_values(
+            stored_rows[block], scale_rows[block], global_scale,
+            to_values=to_values, dtype=dtype, args=args,
         )
     return weight.reshape(*lead, rows, cols)
 
@@ -224,13 +244,8 @@ class Nvfp4PackQuantized:
         qmath.check_param(scale, args, (*packed.shape[:-1], cols), name="weight_scale")
         # FP4 values are exact in either dtype: decode them straight into the product's dtype.
         compute_dtype = OUTPUT_DTYPE if global_scale is None else torch.float32
-        weight = dequantize_by_row_blocks(
-            packed,
-            lambda rows: fpcodes.unpack_fp4_values(rows, compute_dtype),
-            cols,
-            scale,
-            args,
-            global_scale,
+        weight = dequantize_values(
+            packed, fpcodes.unpack_fp4_values, compute_dtype, cols, scale, args, global_scale
         )
         return check_finite_output(weight, scale, 4, "weight_scale", global_scale)
 
