@@ -52,3 +52,10 @@ def bench(session: nox.Session) -> None:
     """Decode speed of ctref against compressed-tensors, same run, same tensors."""
     install(session, "-e", ".[peer]")
     session.run("python", "benchmarks/bench_decode.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def fixtures(session: nox.Session) -> None:
+    """Generate the fixture catalog into .fixtures-cache/ (arguments go to the generator)."""
+    install(session, "-e", ".")
+    session.run("python", "-m", "ctref.fixtures.generate", "--jobs", "2", *session.posargs)

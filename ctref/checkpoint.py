@@ -289,7 +289,8 @@ class Checkpoint:
     ) -> tuple[str, QuantScheme] | tuple[None, None]:
         """The config group of a module (§1.6), trusting the tensors over a guessed class.
 
-        Transform submodules are never quantized. When only a class-name target matches, the
+        Transform submodules and vector (norm) weights are never quantized (§1.6: only Linear
+        and Embedding weights are). When only a class-name target matches, the
         class comes from the model-free guess, and the module stores a float ``weight`` with no
         ``weight_scale``, the guess is taken as wrong (a MoE router or other non-Linear module
         that the writer skipped, §8 trap 25) and the module as unquantized.
@@ -300,8 +301,11 @@ class Checkpoint:
         if resolved is None:
             return None, None
         local = self._locals[name]
-        guessed = name not in self._module_classes and resolve_scheme(self.config, name) is None
         stores_float = root == "weight" and self._headers[local["weight"]].dtype in DENSE_DTYPES
+        if stores_float and len(self._headers[local["weight"]].shape) not in (2, 3):
+            # A norm's or other vector's weight: only Linear/Embedding weights are quantized.
+            return None, None
+        guessed = name not in self._module_classes and resolve_scheme(self.config, name) is None
         quantized = resolve_format(self.config, resolved[1]) != "dense"
         if guessed and stores_float and quantized and "weight_scale" not in local:
             return None, None

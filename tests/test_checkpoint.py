@@ -766,3 +766,23 @@ def test_effective_weight_folds_the_stored_online_input_transform(tmp_path: Path
     with ctref.open_checkpoint(write_checkpoint(tmp_path / "p", tensors, plain_config)) as checkpoint:
         plain, none_applied = checkpoint.effective_weight("model.layers.0.mlp.down_proj")
     assert torch.equal(plain, weight) and none_applied == []
+
+
+def test_regex_target_matching_a_norm_leaves_it_unquantized(tmp_path: Path) -> None:
+    """``re:.*`` also matches norm modules; their 1-D weights are never quantized (§1.6)."""
+    weight = torch.randn(16, 32, dtype=torch.bfloat16)
+    norm = torch.ones(32, dtype=torch.bfloat16)
+    args = {"num_bits": 8, "type": "int", "strategy": "channel"}
+    tensors = {
+        **encode("model.layers.0.mlp.down_proj", weight, "int-quantized", args),
+        "model.layers.0.post_attention_layernorm.weight": norm,
+    }
+    config = quant_config(
+        {"group_0": {"targets": ["re:.*"], "weights": args, "format": "int-quantized"}}
+    )
+    with ctref.open_checkpoint(write_checkpoint(tmp_path, tensors, config)) as checkpoint:
+        infos = {info.name: info for info in checkpoint.modules()}
+        norm_info = infos["model.layers.0.post_attention_layernorm"]
+        assert norm_info.scheme is None and norm_info.format == "dense"
+        assert infos["model.layers.0.mlp.down_proj"].format == "int-quantized"
+        assert torch.equal(checkpoint.dequantize("model.layers.0.post_attention_layernorm"), norm)
