@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ctref import qmath
-from ctref.config import QuantArgs, QuantScheme
+from ctref.config import QuantArgs, QuantScheme, dtype_name
 from ctref.errors import CTRefError
 from ctref.formats.base import scale_dtypes
 
@@ -191,10 +191,9 @@ def check_activation_params(
 
 def _check(spec: ExpectedParam, tensor: torch.Tensor, name: str) -> None:
     if tensor.dtype not in spec.dtypes:
-        allowed = " or ".join(str(d).removeprefix("torch.") for d in spec.dtypes)
+        allowed = " or ".join(dtype_name(d) for d in spec.dtypes)
         raise CTRefError(
-            f"expected dtype {allowed} ({spec.reason}), found "
-            f"{str(tensor.dtype).removeprefix('torch.')}",
+            f"expected dtype {allowed} ({spec.reason}), found {dtype_name(tensor.dtype)}",
             tensor=name,
         )
     if spec.shape is not None and not _shape_fits(tuple(tensor.shape), spec.shape):

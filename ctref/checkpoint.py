@@ -25,9 +25,10 @@ from safetensors import safe_open
 
 from ctref import activations, transforms
 from ctref.activations import ActivationParams
-from ctref.config import QuantizationConfig, QuantScheme
+from ctref.config import QuantArgs, QuantizationConfig, QuantScheme, dtype_name
 from ctref.errors import CTRefError
 from ctref.formats import get_format
+from ctref.formats.base import FLOAT_DTYPES
 from ctref.matching import matches, resolve_format, resolve_scheme
 from ctref.transforms import AppliedTransform
 
@@ -55,9 +56,6 @@ KV_PROJECTIONS = ("k_proj", "v_proj", "qkv_proj", "kv_b_proj")
 
 _ATTENTION_NAME = re.compile(r".*(self_attn|attention)$")
 """0.20.0's KV-cache target ``re:.*(self_attn|attention)$``."""
-
-DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-"""Dtypes of a weight stored unquantized."""
 
 _SPARSE_TENSORS = ("shape", "compressed", "bitmask", "row_offsets")
 _LAYOUT_SENSITIVE_BITS = (3, 5, 6, 7)
@@ -95,7 +93,7 @@ class TensorHeader:
     shape: tuple[int, ...]
 
     def describe_dtype(self) -> str:
-        return _dtype_str(self.dtype) if self.dtype is not None else self.dtype_name
+        return dtype_name(self.dtype) if self.dtype is not None else self.dtype_name
 
 
 @dataclass(frozen=True)
@@ -116,6 +114,11 @@ class ModuleInfo:
     tensor_names: tuple[str, ...]
     file: str
     """The shard holding the module's root tensor."""
+
+    @property
+    def weight_args(self) -> QuantArgs | None:
+        """The scheme's weight arguments; None for a module the config leaves unquantized."""
+        return self.scheme.weights if self.scheme is not None else None
 
 
 def open_checkpoint(
@@ -269,7 +272,7 @@ class Checkpoint:
         group, scheme = self._scheme(name, root, classes)
         fmt = resolve_format(self.config, scheme) if scheme is not None else "dense"
         if fmt == "dense" and root not in ("weight", "compressed"):
-            raise self._root_mismatch(name, root, group, fmt, "weight", DENSE_DTYPES)
+            raise self._root_mismatch(name, root, group, fmt, "weight", FLOAT_DTYPES)
         sparsity_format = self._sparsity_format(name, root, classes)
         weight_shape = self._weight_shape(name, root, scheme)
         self._check_root(name, root, group, scheme, fmt, weight_shape)
@@ -301,7 +304,7 @@ class Checkpoint:
         if resolved is None:
             return None, None
         local = self._locals[name]
-        stores_float = root == "weight" and self._headers[local["weight"]].dtype in DENSE_DTYPES
+        stores_float = root == "weight" and self._headers[local["weight"]].dtype in FLOAT_DTYPES
         if stores_float and len(self._headers[local["weight"]].shape) not in (2, 3):
             # A norm's or other vector's weight: only Linear/Embedding weights are quantized.
             return None, None
@@ -357,7 +360,7 @@ class Checkpoint:
             if stored.is_floating_point() or stored.numel() not in (2, 3):
                 raise CTRefError(
                     f"must hold the 2 or 3 integer dimensions of the weight, found "
-                    f"{_dtype_str(stored.dtype)} {tuple(stored.shape)}",
+                    f"{dtype_name(stored.dtype)} {tuple(stored.shape)}",
                     file=self._headers[local[shape_name]].file,
                     tensor=local[shape_name],
                 )
@@ -415,7 +418,7 @@ class Checkpoint:
             why = "the config leaves this module unquantized (untargeted or ignored)"
         else:
             why = f"config group '{group}' resolves to format '{fmt}'"
-        allowed = " or ".join(_dtype_str(d) for d in expected_dtypes)
+        allowed = " or ".join(dtype_name(d) for d in expected_dtypes)
         return CTRefError(
             f"{why}, which stores '{expected_name}' as {allowed}; this module stores "
             f"'{stored_name}' as {header.describe_dtype()}",
@@ -442,8 +445,9 @@ class Checkpoint:
                 )
                 tensors = {k: v for k, v in tensors.items() if k not in _SPARSE_TENSORS}
                 tensors["weight"] = weight
-            args = info.scheme.weights if info.scheme is not None else None
-            return get_format(info.format).decode(tensors, args, layout=self.config.packing_layout)
+            return get_format(info.format).decode(
+                tensors, info.weight_args, layout=self.config.packing_layout
+            )
         except CTRefError as error:
             raise self._located(error, name) from error
 
@@ -460,13 +464,12 @@ class Checkpoint:
         config = self.config.transform_config
         if config is None:
             return weight, []
-        names = set(self.tensor_names())
         return transforms.effective_weight(
             name,
             weight,
             config,
-            lambda tensor: self.read(tensor, device) if tensor in names else None,
-            stored_names=names,
+            lambda tensor: self.read(tensor, device) if tensor in self._headers else None,
+            stored_names=self._headers.keys(),
             class_names=self.class_names(name),
         )
 
@@ -477,7 +480,7 @@ class Checkpoint:
 
     def _check_packing_layout_known(self, info: ModuleInfo) -> None:
         """3/5/6/7-bit packing differs before and after 0.18.0; only ``version`` tells (§0 #3)."""
-        args = info.scheme.weights if info.scheme is not None else None
+        args = info.weight_args
         if (
             info.format == "pack-quantized"
             and args is not None
@@ -770,10 +773,6 @@ def _head_counts(model_config: Mapping[str, Any]) -> tuple[int | None, int | Non
 def _torch_dtype(name: str) -> torch.dtype | None:
     attribute = _SAFETENSORS_DTYPES.get(name)
     return getattr(torch, attribute, None) if attribute is not None else None
-
-
-def _dtype_str(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _natural_key(name: str) -> list[Any]:

@@ -33,6 +33,8 @@ __all__ = [
     "TransformArgs",
     "TransformConfig",
     "TransformScheme",
+    "dtype_name",
+    "parse_version",
 ]
 
 STRATEGIES = ("tensor", "channel", "group", "block", "token", "tensor_group", "attn_head")
@@ -148,6 +150,11 @@ def _dtype(value: Any, key: str) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype):
         raise CTRefError(f"unknown torch dtype {value!r}", key=key)
     return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bfloat16`` for ``torch.bfloat16``: the name messages and JSON records use."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _freeze(value: Any) -> Any:
@@ -686,7 +693,9 @@ def _section_dict(section: SparsityConfig | TransformConfig | None) -> dict[str,
     return {} if section is None else section.to_dict()
 
 
-def _version_tuple(version: str | None) -> tuple[int, int, int] | None:
+def parse_version(version: str | None) -> tuple[int, int, int] | None:
+    """``(major, minor, patch)`` of a writer version, ignoring dev/local suffixes; None when
+    absent or unparseable."""
     if version is None:
         return None
     match = _VERSION_PATTERN.match(version)
@@ -789,7 +798,7 @@ class QuantizationConfig:
     @property
     def version_tuple(self) -> tuple[int, int, int] | None:
         """``(major, minor, patch)`` of the writer, ignoring dev/local suffixes; None if unknown."""
-        return _version_tuple(self.version)
+        return parse_version(self.version)
 
     @property
     def packing_layout_known(self) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ctref.config import COMPRESSION_FORMATS, QuantizationConfig, QuantScheme
+from ctref.config import COMPRESSION_FORMATS, QuantArgs, QuantizationConfig, QuantScheme
 
 __all__ = ["infer_format", "is_ignored", "matches", "resolve_format", "resolve_scheme"]
 
@@ -107,31 +107,34 @@ def infer_format(
     An unknown version is taken as today's (0.20.0) writer. ``sparsity_structure`` (from the
     legacy ``sparsity_config``) matters only to ≤0.14 writers, which chose marlin-24 for 2:4.
     """
-    if scheme.weights is None:
+    weights = scheme.weights
+    if weights is None:
         return "dense"
+    has_inputs = scheme.input_activations is not None
     if version is None or version >= _V0_18:
-        return _infer_0_18(scheme)
+        return _infer_0_18(weights, has_inputs)
     if version >= _V0_15:
-        return _infer_0_15(scheme, version)
-    return _infer_0_14(scheme, version, sparsity_structure)
+        return _infer_0_15(weights, has_inputs, version)
+    return _infer_0_14(weights, has_inputs, version, sparsity_structure)
 
 
-def _infer_0_18(scheme: QuantScheme) -> str:
+def _float_group_rules(weights: QuantArgs, *, mxfp6: bool) -> tuple[tuple[str, bool], ...]:
+    """The MX and NVFP4 rules that head the 0.15+ priority lists (MXFP6 only since 0.18)."""
+    is_float, bits, group = weights.type == "float", weights.num_bits, weights.group_size
+    is_e8m0 = weights.scale_dtype == torch.uint8
+    return (
+        ("mxfp4-pack-quantized", is_float and bits == 4 and group == 32),
+        ("mxfp6-pack-quantized", mxfp6 and is_float and bits == 6 and group == 32),
+        ("mxfp8-quantized", is_float and bits == 8 and group == 32 and is_e8m0),
+        ("nvfp4-pack-quantized", is_float and bits == 4 and group == 16),
+    )
+
+
+def _infer_0_18(weights: QuantArgs, has_inputs: bool) -> str:
     """0.18.0+ priority list (§1.5 "Inference (0.20.0)"): the first rule that holds wins."""
-    weights, has_inputs = scheme.weights, scheme.input_activations is not None
-    assert weights is not None
     is_float, is_int, bits = weights.type == "float", weights.type == "int", weights.num_bits
     rules = (
-        ("mxfp4-pack-quantized", is_float and bits == 4 and weights.group_size == 32),
-        ("mxfp6-pack-quantized", is_float and bits == 6 and weights.group_size == 32),
-        (
-            "mxfp8-quantized",
-            is_float
-            and bits == 8
-            and weights.group_size == 32
-            and weights.scale_dtype == torch.uint8,
-        ),
-        ("nvfp4-pack-quantized", is_float and bits == 4 and weights.group_size == 16),
+        *_float_group_rules(weights, mxfp6=True),
         # Any input activations, float ones included: W4AFP8 is int-quantized (§8 trap 10).
         ("int-quantized", is_int and has_inputs),
         # 0.20.0's pack rule also admits int inputs, but the rule above has taken those.
@@ -141,23 +144,13 @@ def _infer_0_18(scheme: QuantScheme) -> str:
     return next((fmt for fmt, holds in rules if holds), "naive-quantized")
 
 
-def _infer_0_15(scheme: QuantScheme, version: tuple[int, int, int]) -> str:
+def _infer_0_15(weights: QuantArgs, has_inputs: bool, version: tuple[int, int, int]) -> str:
     """0.15-0.17 priority list (§1.5): pack-quantized came before int-quantized and was
     weight-only, for 4/8 bits in 0.15/0.16 and 1-8 bits in 0.17 (§7)."""
-    weights, has_inputs = scheme.weights, scheme.input_activations is not None
-    assert weights is not None
     is_float, is_int, bits = weights.type == "float", weights.type == "int", weights.num_bits
     packable_bits = range(1, 9) if version >= _V0_17 else (4, 8)
     rules = (
-        ("mxfp4-pack-quantized", is_float and bits == 4 and weights.group_size == 32),
-        (
-            "mxfp8-quantized",
-            is_float
-            and bits == 8
-            and weights.group_size == 32
-            and weights.scale_dtype == torch.uint8,
-        ),
-        ("nvfp4-pack-quantized", is_float and bits == 4 and weights.group_size == 16),
+        *_float_group_rules(weights, mxfp6=False),
         ("pack-quantized", is_int and not has_inputs and bits in packable_bits),
         ("int-quantized", is_int and has_inputs),
         ("float-quantized", is_float and has_inputs),
@@ -166,7 +159,10 @@ def _infer_0_15(scheme: QuantScheme, version: tuple[int, int, int]) -> str:
 
 
 def _infer_0_14(
-    scheme: QuantScheme, version: tuple[int, int, int], sparsity_structure: str | None
+    weights: QuantArgs,
+    has_inputs: bool,
+    version: tuple[int, int, int],
+    sparsity_structure: str | None,
 ) -> str:
     """≤0.14 rules (§1.5 "Earlier inference", ``config/format.py`` of those releases).
 
@@ -175,13 +171,11 @@ def _infer_0_14(
     channel strategy), anything else naive. With input activations: 8-bit float weights
     float-quantized, int weights int-quantized, anything else naive.
     """
-    weights = scheme.weights
-    assert weights is not None
     is_float, is_int, bits = weights.type == "float", weights.type == "int", weights.num_bits
     if is_float and bits == 4:
         is_mx = version >= _V0_13 and weights.group_size == 32
         return "mxfp4-pack-quantized" if is_mx else "nvfp4-pack-quantized"
-    if scheme.input_activations is None:
+    if not has_inputs:
         if not (is_int and bits in (4, 8)):
             return "naive-quantized"
         is_marlin = sparsity_structure == "2:4" and weights.strategy in ("group", "channel")

@@ -106,7 +106,7 @@ def unpack_along_rows(
     packed: torch.Tensor, bits: int, rows: int, layout: str = "dense"
 ) -> torch.Tensor:
     """Inverse of :func:`pack_along_rows`: (..., W, G) words → (..., rows, G) int8 values."""
-    return unpack(packed.transpose(-1, -2), bits, rows, layout).transpose(-1, -2).contiguous()
+    return unpack(packed.transpose(-1, -2), bits, rows, layout).transpose(-1, -2)
 
 
 def _check(bits: int, layout: str) -> None:

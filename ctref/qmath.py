@@ -22,8 +22,6 @@ from ctref.errors import CTRefError
 FLOAT_MAX = {8: 448.0, 6: 7.5, 4: 6.0}
 """Largest finite magnitude of each float element type: E4M3, E2M3, E2M1 (§2.1)."""
 
-FLOAT_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 @dataclass(frozen=True)
 class QParams:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -41,6 +42,7 @@ __all__ = [
     "FOLDED",
     "FUSED_AT_WRITE",
     "AppliedTransform",
+    "ApplyEntry",
     "TensorLookup",
     "apply_online",
     "attention_transforms",
@@ -49,6 +51,7 @@ __all__ = [
     "effective_bias",
     "effective_weight",
     "hadamard_matrix",
+    "selected_entries",
 ]
 
 TensorLookup = Callable[[str], torch.Tensor | None]
@@ -110,6 +113,28 @@ def check_permutation(perm: torch.Tensor, size: int, *, tensor: str) -> None:
         )
     if not torch.equal(torch.sort(perm.to(torch.int64)).values, torch.arange(size)):
         raise CTRefError(f"not a permutation of 0..{size - 1}", tensor=tensor)
+
+
+class ApplyEntry(NamedTuple):
+    """One ``apply`` entry of ``transform_config``, with the scheme it belongs to."""
+
+    scheme_name: str
+    scheme: TransformScheme
+    args: TransformArgs
+
+
+def selected_entries(
+    config: TransformConfig, name: str, class_names: Sequence[str]
+) -> list[ApplyEntry]:
+    """The ``apply`` entries whose targets select the module and whose ignore does not, in the
+    order the writer registered them (scheme, then entry)."""
+    return [
+        ApplyEntry(scheme_name, scheme, args)
+        for scheme_name, scheme in config.config_groups.items()
+        for args in scheme.apply
+        if any(matches(target, name, class_names) for target in args.targets)
+        and not any(matches(entry, name, class_names) for entry in args.ignore)
+    ]
 
 
 @dataclass(frozen=True)
@@ -194,9 +219,9 @@ def effective_weight(
         )
     effective = weight.to(torch.float64)
     applied = []
-    for scheme_name, scheme, args in _selecting(config, name, class_names):
-        size = _linear_transform_size(tuple(weight.shape), scheme_name, scheme, args.location)
-        transform = _resolve(name, size, scheme_name, scheme, args, tensor_of, stored_names)
+    for entry in selected_entries(config, name, class_names):
+        size = _linear_transform_size(tuple(weight.shape), entry)
+        transform = _resolve(name, size, entry, tensor_of, stored_names)
         if transform.location == "input":
             effective = _blockwise(effective, transform.matrix.T)
         elif transform.location == "output":
@@ -229,7 +254,8 @@ def attention_transforms(
     Only these locations make sense on a module that is not a Linear; others raise.
     """
     transforms = []
-    for scheme_name, scheme, args in _selecting(config, name, class_names):
+    for entry in selected_entries(config, name, class_names):
+        scheme_name, scheme, args = entry
         key = f"transform_config.config_groups.{scheme_name}"
         if args.location not in _ATTENTION_LOCATIONS:
             raise CTRefError(
@@ -241,27 +267,11 @@ def attention_transforms(
                 f"required for location {args.location!r} on an attention module",
                 key=f"{key}.head_dim",
             )
-        transforms.append(
-            _resolve(name, scheme.head_dim, scheme_name, scheme, args, tensor_of, stored_names)
-        )
+        transforms.append(_resolve(name, scheme.head_dim, entry, tensor_of, stored_names))
     return transforms
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def _selecting(
-    config: TransformConfig, name: str, class_names: Sequence[str]
-) -> list[tuple[str, TransformScheme, TransformArgs]]:
-    """The ``apply`` entries whose targets select the module and whose ignore does not, in the
-    order the writer registered them (scheme, then entry)."""
-    return [
-        (scheme_name, scheme, args)
-        for scheme_name, scheme in config.config_groups.items()
-        for args in scheme.apply
-        if any(matches(target, name, class_names) for target in args.targets)
-        and not any(matches(entry, name, class_names) for entry in args.ignore)
-    ]
 
 
 def _blockwise(value: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -286,10 +296,9 @@ def _check_square(matrix: torch.Tensor, *, tensor: str, size: int | None = None)
     return shape[0]
 
 
-def _linear_transform_size(
-    weight_shape: tuple[int, int], scheme_name: str, scheme: TransformScheme, location: str
-) -> int:
+def _linear_transform_size(weight_shape: tuple[int, int], entry: ApplyEntry) -> int:
     """``s``: ``head_dim`` if set (it must tile the dimension), else in or out features."""
+    scheme_name, scheme, location = entry.scheme_name, entry.scheme, entry.args.location
     out_features, in_features = weight_shape
     dimension = in_features if location in _INPUT_SIDE_LOCATIONS else out_features
     if scheme.head_dim is None:
@@ -305,13 +314,12 @@ def _linear_transform_size(
 def _resolve(
     name: str,
     size: int,
-    scheme_name: str,
-    scheme: TransformScheme,
-    args: TransformArgs,
+    entry: ApplyEntry,
     tensor_of: TensorLookup,
     stored_names: Collection[str],
 ) -> AppliedTransform:
     """The record of one transform on one module, with its validated runtime matrix if online."""
+    scheme_name, scheme, args = entry
     record = AppliedTransform(
         scheme=scheme_name,
         type=scheme.type,
@@ -323,7 +331,7 @@ def _resolve(
     )
     if args.location in _OFFLINE_LOCATIONS:
         return record
-    prefix, stored = _stored_matrix(name, size, scheme_name, scheme, args, tensor_of, stored_names)
+    prefix, stored = _stored_matrix(name, size, entry, tensor_of, stored_names)
     weight_name = f"{prefix}.weight"
     _check_square(stored, tensor=weight_name, size=size)
     perm_name = f"{prefix}.perm"
@@ -369,9 +377,7 @@ def _resolve(
 def _stored_matrix(
     name: str,
     size: int,
-    scheme_name: str,
-    scheme: TransformScheme,
-    args: TransformArgs,
+    entry: ApplyEntry,
     tensor_of: TensorLookup,
     stored_names: Collection[str],
 ) -> tuple[str, torch.Tensor]:
@@ -383,6 +389,7 @@ def _stored_matrix(
     ``….<scheme>_<online location>.weight`` of shape ``(s, s)`` from a compatible ``apply``
     entry. Several such copies must be identical.
     """
+    scheme_name, scheme, args = entry
     own = f"{name}.{scheme_name}_{args.location}"
     stored = tensor_of(f"{own}.weight")
     if stored is not None:

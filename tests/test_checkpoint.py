@@ -60,14 +60,18 @@ def _weights(layers: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     return weights
 
 
+Plan = Callable[[str], tuple[str, dict[str, Any] | None]]
+"""Picks the (format, args) a module is encoded with, by its name."""
+
+
 def _encode_model(
-    weights: dict[str, torch.Tensor], plan: Callable[[str], tuple[str, dict[str, Any] | None]]
+    weights: dict[str, torch.Tensor], plan: Plan, **kwargs: Any
 ) -> dict[str, torch.Tensor]:
     """Encode every module with the (format, args) ``plan`` picks for its name."""
     tensors = {}
     for module, weight in weights.items():
         fmt, args = plan(module)
-        tensors.update(encode(module, weight, fmt, args))
+        tensors.update(encode(module, weight, fmt, args, **kwargs))
     return tensors
 
 
@@ -83,13 +87,22 @@ def _is_projection(module: str) -> bool:
     return module.endswith("_proj")
 
 
-def _w4a16_plan(module: str) -> tuple[str, dict[str, Any] | None]:
-    return ("pack-quantized", W4_GROUP) if _is_projection(module) else ("dense", None)
+def _projections_in(fmt: str, args: dict[str, Any]) -> Plan:
+    """Every ``*_proj`` module in ``fmt`` with ``args``, everything else dense."""
+    return lambda module: (fmt, args) if _is_projection(module) else ("dense", None)
+
+
+def _linear_config(fmt: str, args: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """One group quantizing every Linear but ``lm_head`` in ``fmt`` with ``args``."""
+    group = {"targets": ["Linear"], "weights": args, "format": fmt}
+    return quant_config({"group_0": group}, ignore=["lm_head"], **extra)
+
+
+_w4a16_plan = _projections_in("pack-quantized", W4_GROUP)
 
 
 def _w4a16_config() -> dict[str, Any]:
-    group = {"targets": ["Linear"], "weights": W4_GROUP, "format": "pack-quantized"}
-    return quant_config({"group_0": group}, ignore=["lm_head"], format="pack-quantized")
+    return _linear_config("pack-quantized", W4_GROUP, format="pack-quantized")
 
 
 @pytest.fixture
@@ -191,12 +204,8 @@ def test_unsharded_single_file_and_iter_dequantized(tmp_path: Path) -> None:
 def test_int8_channel_dequantizes_as_fp32_product_rounded_once(tmp_path: Path) -> None:
     """An oracle independent of qmath (§2.3): bf16(float32(q) * float32(scale))."""
     weights = _weights(layers=1)
-    plan = lambda m: (
-        ("naive-quantized", W8_CHANNEL) if _is_projection(m) else ("dense", None)
-    )  # noqa: E731
-    tensors = _encode_model(weights, plan)
-    group = {"targets": ["Linear"], "weights": W8_CHANNEL, "format": "naive-quantized"}
-    write_checkpoint(tmp_path, tensors, quant_config({"group_0": group}, ignore=["lm_head"]))
+    tensors = _encode_model(weights, _projections_in("naive-quantized", W8_CHANNEL))
+    write_checkpoint(tmp_path, tensors, _linear_config("naive-quantized", W8_CHANNEL))
     module = "model.layers.0.mlp.up_proj"
     codes, scale = tensors[f"{module}.weight"], tensors[f"{module}.weight_scale"]
     expected = (codes.to(torch.float32) * scale.to(torch.float32)).to(torch.bfloat16)
@@ -333,9 +342,7 @@ def test_a_guessed_class_yields_to_a_float_weight_but_a_real_one_does_not(tmp_pa
 
 def test_config_format_disagreeing_with_stored_root_names_the_tensor(tmp_path: Path) -> None:
     weights = _weights(layers=1)
-    plan = lambda m: (
-        ("float-quantized", FP8_CHANNEL) if _is_projection(m) else ("dense", None)
-    )  # noqa: E731
+    plan = _projections_in("float-quantized", FP8_CHANNEL)
     write_checkpoint(tmp_path, _encode_model(weights, plan), _w4a16_config())
     message = _error(tmp_path, lambda c: c.modules())
     assert "model.safetensors" in message
@@ -352,7 +359,7 @@ def test_ignored_module_storing_packed_weights_is_refused(
     """Refused before the weight shape is derived (nvfp4 stores no weight_shape)."""
     weights = _weights(layers=1)
     fmt = "pack-quantized" if args["type"] == "int" else "nvfp4-pack-quantized"
-    plan = lambda m: (fmt, args) if _is_projection(m) else ("dense", None)  # noqa: E731
+    plan = _projections_in(fmt, args)
     config = quant_config(
         {"group_0": {"targets": ["Linear"], "weights": args}}, ignore=["lm_head", "re:.*q_proj$"]
     )
@@ -367,14 +374,10 @@ def test_unknown_version_refuses_layout_sensitive_bit_widths(
     tmp_path: Path, version: str | None
 ) -> None:
     weights = _weights(layers=1)
-    plan = lambda m: (
-        ("pack-quantized", W3_GROUP) if _is_projection(m) else ("dense", None)
-    )  # noqa: E731
-    group = {"targets": ["Linear"], "weights": W3_GROUP, "format": "pack-quantized"}
     write_checkpoint(
         tmp_path,
-        _encode_model(weights, plan),
-        quant_config({"group_0": group}, ignore=["lm_head"], version=version),
+        _encode_model(weights, _projections_in("pack-quantized", W3_GROUP)),
+        _linear_config("pack-quantized", W3_GROUP, version=version),
     )
     message = _error(tmp_path, lambda c: c.dequantize("model.layers.0.mlp.up_proj"))
     assert "config.json" in message and "model.layers.0.mlp.up_proj.weight_packed" in message
@@ -396,26 +399,16 @@ def test_unknown_version_still_reads_layout_independent_bit_widths(tmp_path: Pat
 def test_version_selects_the_legacy_sub_byte_layout(tmp_path: Path) -> None:
     """3-bit words written by 0.17 (whole fields per word) decode only as the legacy layout."""
     weights = _weights(layers=1)
-    tensors = {}
-    for module, weight in weights.items():
-        if _is_projection(module):
-            tensors.update(encode(module, weight, "pack-quantized", W3_GROUP, layout="legacy"))
-        else:
-            tensors.update(encode(module, weight, "dense", None))
-    group = {"targets": ["Linear"], "weights": W3_GROUP, "format": "pack-quantized"}
+    tensors = _encode_model(weights, _projections_in("pack-quantized", W3_GROUP), layout="legacy")
     module = "model.layers.0.self_attn.q_proj"
     legacy = write_checkpoint(
-        tmp_path / "legacy",
-        tensors,
-        quant_config({"group_0": group}, ignore=["lm_head"], version="0.17.1"),
+        tmp_path / "legacy", tensors, _linear_config("pack-quantized", W3_GROUP, version="0.17.1")
     )
     with open_checkpoint(legacy) as checkpoint:
         expected = _round_trip(weights[module], "pack-quantized", W3_GROUP, layout="legacy")
         assert torch.equal(checkpoint.dequantize(module), expected)
     dense = write_checkpoint(
-        tmp_path / "dense",
-        tensors,
-        quant_config({"group_0": group}, ignore=["lm_head"], version="0.18.0"),
+        tmp_path / "dense", tensors, _linear_config("pack-quantized", W3_GROUP, version="0.18.0")
     )
     message = _error(dense, lambda c: c.dequantize(module))
     assert f"{module}.weight_packed" in message and "dense layout" in message
@@ -508,10 +501,7 @@ def test_g_idx_out_of_range_is_refused(tmp_path: Path) -> None:
     args = {**W4_GROUP, "actorder": "group"}
     tensors = _encode_model(_weights(layers=1), _w4a16_plan)
     tensors[f"{MODULE}.weight_g_idx"] = _g_idx_out_of_range(tensors[f"{MODULE}.weight_scale"])
-    group = {"targets": ["Linear"], "weights": args, "format": "pack-quantized"}
-    write_checkpoint(
-        tmp_path, tensors, quant_config({"group_0": group}, ignore=["lm_head"], version="0.14.0")
-    )
+    write_checkpoint(tmp_path, tensors, _linear_config("pack-quantized", args, version="0.14.0"))
     message = _error(tmp_path, lambda c: c.dequantize(MODULE))
     assert message.startswith(f"model.safetensors: {MODULE}.weight_g_idx: ")
     assert "group indices must lie in [0, 1], found [0, 99]" in message

@@ -7,6 +7,7 @@ differences are listed below, and tests keep those lists truthful.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,36 +32,33 @@ pytestmark = pytest.mark.peer
 PEER_REJECTIONS = (ValueError, TypeError, NotImplementedError)
 
 
-def _peer_accepts_args(d: dict[str, Any]) -> bool:
+def _accepts(
+    parse: Callable[[dict[str, Any]], object],
+    d: dict[str, Any],
+    rejections: type[Exception] | tuple[type[Exception], ...],
+) -> bool:
+    """Whether ``parse(d)`` returns rather than rejecting ``d`` with one of ``rejections``."""
     try:
-        peer.QuantizationArgs.model_validate(d)
-    except PEER_REJECTIONS:
+        parse(d)
+    except rejections:
         return False
     return True
+
+
+def _peer_accepts_args(d: dict[str, Any]) -> bool:
+    return _accepts(peer.QuantizationArgs.model_validate, d, PEER_REJECTIONS)
 
 
 def _ctref_accepts_args(d: dict[str, Any]) -> bool:
-    try:
-        QuantArgs.from_dict(d, "args")
-    except CTRefError:
-        return False
-    return True
+    return _accepts(lambda args: QuantArgs.from_dict(args, "args"), d, CTRefError)
 
 
 def _peer_accepts_scheme(d: dict[str, Any]) -> bool:
-    try:
-        peer.QuantizationScheme.model_validate(d)
-    except PEER_REJECTIONS:
-        return False
-    return True
+    return _accepts(peer.QuantizationScheme.model_validate, d, PEER_REJECTIONS)
 
 
 def _ctref_accepts_scheme(d: dict[str, Any]) -> bool:
-    try:
-        QuantScheme.from_dict(d, "scheme")
-    except CTRefError:
-        return False
-    return True
+    return _accepts(lambda scheme: QuantScheme.from_dict(scheme, "scheme"), d, CTRefError)
 
 
 def _assert_args_alike(ours: QuantArgs | None, theirs: peer.QuantizationArgs | None) -> None:

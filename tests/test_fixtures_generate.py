@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from catalog_helpers import CATALOG
 from safetensors.torch import load_file
 
 from ctref import qmath
@@ -23,21 +23,7 @@ from ctref.fixtures.weights import draw_quantized
 from ctref.formats import base as formats_base
 from ctref.forward import linear
 
-CATALOG = load_catalog()
 SAMPLE = ["preset-nvfp4", "pack-w3-legacy-0-17-1", "moe-w4a16", "int8-static-tensor-asym"]
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    """The whole catalog, generated once per test session and shared by xdist workers."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "ctref-fixtures"
-    summary = generate(root, log=io.StringIO())
-    broken = {
-        n: e for n, e in summary["failed"].items() if not CATALOG.case(n).unregistered_formats
-    }
-    assert not broken, broken
-    return root
 
 
 def sha256(path: Path) -> str:

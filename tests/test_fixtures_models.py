@@ -15,24 +15,20 @@ failure (strict) with the reason: the fixture exposes a known defect, and a fix 
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from catalog_helpers import CATALOG, skip_unregistered
 from safetensors.torch import load_file
 
 from ctref.config import QuantArgs
-from ctref.fixtures.catalog import load_catalog
-from ctref.fixtures.generate import generate
 from ctref.forward import quantize_activation
 
 pytestmark = pytest.mark.peer
 
-CATALOG = load_catalog()
 MODEL_CASES = [case.name for case in CATALOG.cases if case.model is not None]
 
 PACKED_ASYM = "transformers 5 sizes packed asymmetric zero points as (N, G) and refuses the int32 (N*b/32, G) tensor (anchors B1)"
@@ -61,26 +57,6 @@ KNOWN_FAILURES = {
         "preset-nvfp4-fp16": NVFP4_FP16,
     },
 }
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    """The whole catalog, generated once per test session and shared by xdist workers."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "ctref-fixtures"
-    summary = generate(root, log=io.StringIO())
-    broken = {
-        n: e for n, e in summary["failed"].items() if not CATALOG.case(n).unregistered_formats
-    }
-    assert not broken, broken
-    return root
-
-
-def skip_unregistered(name: str) -> None:
-    """Cases of formats still being written elsewhere are skipped, and turn on when they land."""
-    missing = CATALOG.case(name).unregistered_formats
-    if missing:
-        pytest.skip(f"format(s) {', '.join(missing)} not registered in ctref.formats yet")
 
 
 def params(path: str) -> list:

@@ -9,41 +9,18 @@ and checked against 0.14.0.1 in ``nox -s peer-legacy``.
 
 from __future__ import annotations
 
-import io
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from catalog_helpers import CATALOG, skip_unregistered
 from safetensors.torch import load_file
 
 from ctref import open_checkpoint
-from ctref.fixtures.catalog import Case, load_catalog
-from ctref.fixtures.generate import generate
+from ctref.fixtures.catalog import Case
 
-CATALOG = load_catalog()
 RAGGED_GROUP = "0.20.0's decompress refuses K % group_size != 0 (ct-format.md §2.3); ctref reads it"
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    """The whole catalog, generated once per test session and shared by xdist workers."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "ctref-fixtures"
-    summary = generate(root, log=io.StringIO())
-    broken = {
-        n: e for n, e in summary["failed"].items() if not CATALOG.case(n).unregistered_formats
-    }
-    assert not broken, broken
-    return root
-
-
-def skip_unregistered(name: str) -> None:
-    """Cases of formats still being written elsewhere are skipped, and turn on when they land."""
-    missing = CATALOG.case(name).unregistered_formats
-    if missing:
-        pytest.skip(f"format(s) {', '.join(missing)} not registered in ctref.formats yet")
 
 
 def legacy_reason(case: Case) -> str | None:

@@ -36,6 +36,14 @@ def decode(fmt, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return fmt.decode(tensors, None, layout="dense")
 
 
+def assert_decode_refused(fmt, tensors: dict[str, torch.Tensor], change, tensor: str, rule: str):
+    """Decoding ``tensors`` after ``change`` raises ``rule``, naming ``tensor``."""
+    change(tensors)
+    with pytest.raises(CTRefError, match=re.escape(rule)) as caught:
+        decode(fmt, tensors)
+    assert caught.value.tensor == tensor
+
+
 # ---------------------------------------------------------------------------------------------
 # sparse-bitmask
 
@@ -137,11 +145,7 @@ def bitmask_tensors() -> dict[str, torch.Tensor]:
     ],
 )
 def test_bitmask_rejects_bad_input(change, tensor: str, rule: str) -> None:
-    tensors = bitmask_tensors()
-    change(tensors)
-    with pytest.raises(CTRefError, match=re.escape(rule)) as caught:
-        decode(BITMASK, tensors)
-    assert caught.value.tensor == tensor
+    assert_decode_refused(BITMASK, bitmask_tensors(), change, tensor, rule)
 
 
 def test_sparsity_formats_take_no_args() -> None:
@@ -304,11 +308,7 @@ def sparse24_tensors() -> dict[str, torch.Tensor]:
     ],
 )
 def test_sparse24_rejects_bad_input(change, tensor: str, rule: str) -> None:
-    tensors = sparse24_tensors()
-    change(tensors)
-    with pytest.raises(CTRefError, match=re.escape(rule)) as caught:
-        decode(SPARSE24, tensors)
-    assert caught.value.tensor == tensor
+    assert_decode_refused(SPARSE24, sparse24_tensors(), change, tensor, rule)
 
 
 def test_sparse24_encode_needs_whole_groups() -> None:

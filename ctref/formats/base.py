@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from ctref import qmath
-from ctref.config import QuantArgs
+from ctref.config import QuantArgs, dtype_name
 from ctref.errors import CTRefError
 
 
@@ -94,8 +94,8 @@ def require(
     if tensor is None:
         raise CTRefError("required tensor is missing", tensor=name)
     if tensor.dtype not in dtypes:
-        allowed = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise CTRefError(f"expected dtype {allowed}, found {str(tensor.dtype).removeprefix('torch.')}", tensor=name)
+        allowed = " or ".join(dtype_name(d) for d in dtypes)
+        raise CTRefError(f"expected dtype {allowed}, found {dtype_name(tensor.dtype)}", tensor=name)
     if shape is not None and tuple(tensor.shape) != tuple(shape):
         raise CTRefError(f"expected shape {tuple(shape)}, found {tuple(tensor.shape)}", tensor=name)
     return tensor
@@ -135,13 +135,14 @@ def require_matrix(shape: Sequence[int], name: str) -> None:
         )
 
 
-SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-"""Model dtypes a scale may be stored in (§0 fact 5); formats with other scales say so."""
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+"""Model dtypes: those of an unquantized weight, and of a scale (§0 fact 5) unless the format
+or ``scale_dtype`` names another."""
 
 
 def scale_dtypes(args: QuantArgs) -> tuple[torch.dtype, ...]:
     extra = (args.scale_dtype,) if args.scale_dtype is not None else ()
-    return SCALE_DTYPES + tuple(d for d in extra if d not in SCALE_DTYPES)
+    return FLOAT_DTYPES + tuple(d for d in extra if d not in FLOAT_DTYPES)
 
 
 def read_scale(
@@ -183,10 +184,32 @@ def check_codes_in_range(codes: torch.Tensor, args: QuantArgs, name: str) -> Non
         )
 
 
+def check_zero_point(
+    zero_point: torch.Tensor, args: QuantArgs, weight_shape: Sequence[int]
+) -> None:
+    """An unpacked ``weight_zero_point``: the strategy's shape and, for ints, codes in range."""
+    qmath.check_param(zero_point, args, weight_shape, name="weight_zero_point")
+    if args.type == "int":
+        check_codes_in_range(zero_point, args, "weight_zero_point")
+
+
 def check_fp8_finite(codes: torch.Tensor, name: str) -> None:
     """E4M3 has no infinities; its two NaN codes (0x7F, 0xFF) never come from a quantizer."""
     if bool(((codes.view(torch.uint8) & 0x7F) == 0x7F).any()):
         raise CTRefError("holds FP8 NaN codes (0x7F or 0xFF)", tensor=name)
+
+
+def quantize_codes(
+    weight: torch.Tensor, args: QuantArgs, qparams: qmath.QParams | None
+) -> tuple[torch.Tensor, qmath.QParams]:
+    """The codes of a format that stores them beside :func:`qparam_tensors`, and the qparams
+    they were quantized with (``qmath.qparams_for``'s when none are given). These formats have
+    no global scale: one in ``qparams`` is not applied."""
+    qparams = qparams or qmath.qparams_for(weight, args)
+    codes = qmath.quantize(
+        weight, qparams.scale, qparams.zero_point, args=args, g_idx=qparams.g_idx
+    )
+    return codes, qparams
 
 
 def qparam_tensors(qparams: qmath.QParams) -> dict[str, torch.Tensor]:

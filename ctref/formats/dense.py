@@ -12,9 +12,7 @@ import torch
 
 from ctref import qmath
 from ctref.config import QuantArgs
-from ctref.formats.base import TensorSpec, register, require
-
-FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+from ctref.formats.base import FLOAT_DTYPES, TensorSpec, register, require
 
 
 @register

@@ -18,8 +18,6 @@ from ctref.formats.base import TensorSpec, check_fp8_finite, register, require
 from ctref.formats.mxfp4 import MX_STRATEGIES, dequantize_mx, quantize_mx
 from ctref.formats.nvfp4 import check_columns, check_float_args, check_weight, split_shape
 
-"""E4M3FN has no Inf; exponent and mantissa all ones (either sign) is NaN."""
-
 
 def _fp8_values(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return codes.to(dtype)

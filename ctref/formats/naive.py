@@ -18,7 +18,9 @@ from ctref.formats.base import (
     TensorSpec,
     check_codes_in_range,
     check_fp8_finite,
+    check_zero_point,
     qparam_tensors,
+    quantize_codes,
     read_g_idx,
     read_scale,
     register,
@@ -70,9 +72,7 @@ class NaiveQuantized:
         zero_point = None
         if not args.symmetric:
             zero_point = require(tensors, "weight_zero_point", (torch.int8, args.zp_dtype))
-            qmath.check_param(zero_point, args, shape, name="weight_zero_point")
-            if args.type == "int":
-                check_codes_in_range(zero_point, args, "weight_zero_point")
+            check_zero_point(zero_point, args, shape)
         g_idx = read_g_idx(tensors, args, shape)
         return _dequantize_codes(codes, scale, zero_point, args=args, g_idx=g_idx)
 
@@ -85,10 +85,7 @@ class NaiveQuantized:
         qparams: qmath.QParams | None = None,
     ) -> dict[str, torch.Tensor]:
         args = require_args(args, self.names[0], types=_STORED_TYPES)
-        qparams = qparams or qmath.qparams_for(weight, args)
-        codes = qmath.quantize(
-            weight, qparams.scale, qparams.zero_point, args=args, g_idx=qparams.g_idx
-        )
+        codes, qparams = quantize_codes(weight, args, qparams)
         out = {"weight": codes.to(qmath.code_dtype(args)), **qparam_tensors(qparams)}
         if qparams.zero_point is not None:
             out["weight_zero_point"] = qparams.zero_point.to(args.zp_dtype)

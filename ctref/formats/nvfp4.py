@@ -26,6 +26,7 @@ from ctref.compute import fused
 from ctref.config import QuantArgs
 from ctref.errors import CTRefError
 from ctref.formats.base import (
+    FLOAT_DTYPES,
     TensorSpec,
     register,
     require,
@@ -82,7 +83,7 @@ def check_columns(cols: int, args: QuantArgs, codes_per_unit: int, *, tensor: st
 
 def check_weight(weight: torch.Tensor, args: QuantArgs, codes_per_unit: int) -> None:
     """A weight to encode: a float tensor (..., N, K) whose K fits groups and packing units."""
-    if weight.dtype not in qmath.FLOAT_SCALE_DTYPES:
+    if weight.dtype not in FLOAT_DTYPES:
         raise CTRefError(f"expected a float weight, found {weight.dtype}", tensor="weight")
     _, _, cols = split_shape(weight.shape, tensor="weight")
     check_columns(cols, args, codes_per_unit, tensor="weight")

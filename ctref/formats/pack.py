@@ -18,8 +18,9 @@ from ctref.config import QuantArgs
 from ctref.errors import CTRefError
 from ctref.formats.base import (
     TensorSpec,
-    check_codes_in_range,
+    check_zero_point,
     qparam_tensors,
+    quantize_codes,
     read_g_idx,
     read_scale,
     register,
@@ -87,10 +88,7 @@ class PackQuantized:
         qparams: qmath.QParams | None = None,
     ) -> dict[str, torch.Tensor]:
         args = require_args(args, self.names[0], types=(("int", None),))
-        qparams = qparams or qmath.qparams_for(weight, args)
-        codes = qmath.quantize(
-            weight, qparams.scale, qparams.zero_point, args=args, g_idx=qparams.g_idx
-        )
+        codes, qparams = quantize_codes(weight, args, qparams)
         out = {
             "weight_packed": packing.pack(codes, args.num_bits, layout),
             "weight_shape": torch.tensor(weight.shape, dtype=torch.int64),
@@ -156,8 +154,7 @@ def _read_zero_point(
     """Packed int32 zero points (along N) or plain int8 ones, decided by the stored dtype."""
     stored = require(tensors, "weight_zero_point", (torch.int32, torch.int8))
     if stored.dtype == torch.int8:
-        qmath.check_param(stored, args, shape, name="weight_zero_point")
-        check_codes_in_range(stored, args, "weight_zero_point")
+        check_zero_point(stored, args, shape)
         return stored
     if not _zero_point_packed(args):
         raise CTRefError(

@@ -36,6 +36,13 @@ GROUP = 4
 KEPT = 2
 
 
+def _check_whole_groups(cols: int, tensor: str) -> None:
+    if cols % GROUP:
+        raise CTRefError(
+            f"2:4 sparsity needs K divisible by {GROUP}, found K={cols}", tensor=tensor
+        )
+
+
 def keep_mask(weight: torch.Tensor) -> torch.Tensor:
     """Bool mask of the two largest magnitudes in each group of four, as the writer picks them.
 
@@ -59,8 +66,7 @@ class Sparse24Bitmask:
     def expected_tensors(
         self, args: QuantArgs | None, weight_shape: Sequence[int], *, layout: str
     ) -> list[TensorSpec]:
-        require_no_args(args, self.names[0])
-        rows, cols = matrix_shape(weight_shape, self.names[0])
+        rows, cols = matrix_shape(args, weight_shape, self.names[0])
         return [
             TensorSpec("shape", (torch.int64,), (2, 1)),
             TensorSpec("compressed", VALUE_DTYPES, (rows, cols // 2)),
@@ -72,10 +78,7 @@ class Sparse24Bitmask:
     ) -> torch.Tensor:
         require_no_args(args, self.names[0])
         rows, cols = read_dense_shape(tensors, (2, 1))
-        if cols % GROUP:
-            raise CTRefError(
-                f"2:4 sparsity needs K divisible by {GROUP}, found K={cols}", tensor="shape"
-            )
+        _check_whole_groups(cols, "shape")
         mask = read_bitmask(tensors, rows, cols)
         per_group = mask.reshape(rows, -1, GROUP).sum(dim=-1)
         wrong = (per_group != KEPT).nonzero()
@@ -99,13 +102,8 @@ class Sparse24Bitmask:
         qparams: qmath.QParams | None = None,
     ) -> dict[str, torch.Tensor]:
         """Keep the two largest magnitudes of each group of four (:func:`keep_mask`)."""
-        require_no_args(args, self.names[0])
-        check_weight(weight, self.names[0])
-        rows, cols = weight.shape
-        if cols % GROUP:
-            raise CTRefError(
-                f"2:4 sparsity needs K divisible by {GROUP}, found K={cols}", tensor="weight"
-            )
+        rows, cols = check_weight(weight, args, self.names[0])
+        _check_whole_groups(cols, "weight")
         mask = keep_mask(weight)
         return {
             "shape": torch.tensor(weight.shape, dtype=torch.int64).reshape(2, 1),

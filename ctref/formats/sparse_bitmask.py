@@ -105,8 +105,12 @@ def gather_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weight.view(bits_dtype)[mask].view(weight.dtype)
 
 
-def matrix_shape(shape: Sequence[int], format_name: str) -> tuple[int, int]:
-    """``(N, K)``; the writer compresses 2-D (Linear) weights only."""
+def matrix_shape(
+    args: QuantArgs | None, shape: Sequence[int], format_name: str
+) -> tuple[int, int]:
+    """``(N, K)`` of a weight the format stores: no quantization args, and 2-D, as the writer
+    compresses Linear weights only."""
+    require_no_args(args, format_name)
     if len(shape) != 2:
         raise CTRefError(
             f"format '{format_name}' compresses 2-D weights, found shape {tuple(shape)}",
@@ -116,12 +120,16 @@ def matrix_shape(shape: Sequence[int], format_name: str) -> tuple[int, int]:
     return rows, cols
 
 
-def check_weight(weight: torch.Tensor, format_name: str) -> None:
-    matrix_shape(weight.shape, format_name)
+def check_weight(
+    weight: torch.Tensor, args: QuantArgs | None, format_name: str
+) -> tuple[int, int]:
+    """``(N, K)`` of a weight to encode (:func:`matrix_shape`) in a dtype ``compressed`` holds."""
+    rows, cols = matrix_shape(args, weight.shape, format_name)
     if weight.dtype not in VALUE_DTYPES:
         raise CTRefError(
             f"format '{format_name}' cannot store dtype {weight.dtype}", tensor="weight"
         )
+    return rows, cols
 
 
 @register
@@ -132,8 +140,7 @@ class SparseBitmask:
         self, args: QuantArgs | None, weight_shape: Sequence[int], *, layout: str
     ) -> list[TensorSpec]:
         """``compressed`` has no fixed shape: its length is the number of non-zeros."""
-        require_no_args(args, self.names[0])
-        rows, cols = matrix_shape(weight_shape, self.names[0])
+        rows, cols = matrix_shape(args, weight_shape, self.names[0])
         return [
             TensorSpec("shape", (torch.int64,), (2,)),
             TensorSpec("compressed", VALUE_DTYPES, None),
@@ -167,8 +174,7 @@ class SparseBitmask:
         qparams: qmath.QParams | None = None,
     ) -> dict[str, torch.Tensor]:
         """Keep every element that compares unequal to 0 (-0.0 is dropped, as the writer does)."""
-        require_no_args(args, self.names[0])
-        check_weight(weight, self.names[0])
+        check_weight(weight, args, self.names[0])
         mask = weight != 0
         counts = mask.sum(dim=-1)
         return {
