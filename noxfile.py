@@ -54,8 +54,44 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_decode.py", *session.posargs)
 
 
+@nox.session(name="bench-dequant", python=PYTHON)
+def bench_dequant(session: nox.Session) -> None:
+    """ctref dequant against compressed-tensors' convert_checkpoint on a ≥1 GB checkpoint."""
+    install(session, "-e", ".[peer]")
+    session.run("python", "benchmarks/bench_dequant.py", *session.posargs)
+
+
 @nox.session(python=PYTHON)
 def fixtures(session: nox.Session) -> None:
     """Generate the fixture catalog into .fixtures-cache/ (arguments go to the generator)."""
     install(session, "-e", ".")
     session.run("python", "-m", "ctref.fixtures.generate", "--jobs", "2", *session.posargs)
+
+
+def conformance_backend(posargs: list[str]) -> str:
+    """The backend a conformance run selects: ``--backend NAME`` in posargs, else $CTREF_BACKEND,
+    else ``reference`` (the suite's own rule, conformance/backends/__init__.py)."""
+    for index, arg in enumerate(posargs):
+        if arg == "--backend" and index + 1 < len(posargs):
+            return posargs[index + 1]
+        if arg.startswith("--backend="):
+            return arg.partition("=")[2]
+    return os.environ.get("CTREF_BACKEND", "reference")
+
+
+@nox.session(python=PYTHON)
+def conformance(session: nox.Session) -> None:
+    """The conformance suite against one engine: ``nox -s conformance -- --backend NAME``."""
+    install(session, "-e", ".[test,peer]")
+    session.run("pytest", "conformance", "-n", workers(), *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def certify(session: nox.Session) -> None:
+    """A certification run: junit.xml, results.json and certificate.md in reports/<backend>/."""
+    install(session, "-e", ".[test,peer]")
+    backend = conformance_backend(session.posargs)
+    session.run(
+        "pytest", "conformance", "-n", workers(), "--report-dir", f"reports/{backend}",
+        *session.posargs,
+    )

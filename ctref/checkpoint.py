@@ -13,6 +13,7 @@ model.layers.0.mlp.down_proj.weight_scale: expected shape ...``.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -226,7 +227,7 @@ class Checkpoint:
 
     def modules(self) -> list[ModuleInfo]:
         """Every module holding a weight root tensor, in natural name order."""
-        names = [module for module, local in self._locals.items() if _root(local) is not None]
+        names = [module for module, local in self._locals.items() if root_tensor(local) is not None]
         return [self.module_info(name) for name in sorted(names, key=_natural_key)]
 
     def module_info(self, name: str) -> ModuleInfo:
@@ -249,7 +250,7 @@ class Checkpoint:
         if module in self._module_classes:
             return self._module_classes[module]
         local = self._locals.get(module, {})
-        root = _root(local)
+        root = root_tensor(local)
         last = module.rpartition(".")[2]
         if root is None or last.endswith("norm") or last in self._transform_modules:
             return ()
@@ -261,7 +262,7 @@ class Checkpoint:
 
     def _resolve(self, name: str) -> ModuleInfo:
         local = self._locals.get(name, {})
-        root = _root(local)
+        root = root_tensor(local)
         if root is None:
             raise CTRefError(
                 "no weight-bearing module of this name (it stores no weight, weight_packed, "
@@ -505,7 +506,7 @@ class Checkpoint:
 
     def _root_file(self, module: str) -> str | None:
         local = self._locals.get(module, {})
-        root = _root(local)
+        root = root_tensor(local)
         name = local[root] if root is not None else next(iter(local.values()), None)
         return self._headers[name].file if name is not None else None
 
@@ -514,6 +515,14 @@ class Checkpoint:
     def attention_modules(self) -> list[str]:
         """Modules owning a KV projection child (``k_proj``, ``v_proj``, ``qkv_proj``,
         ``kv_b_proj``) or named ``…self_attn`` / ``…attention`` (§1.7)."""
+        return list(self._attention_modules)
+
+    @functools.cached_property
+    def _attention_set(self) -> frozenset[str]:
+        return frozenset(self._attention_modules)
+
+    @functools.cached_property
+    def _attention_modules(self) -> tuple[str, ...]:
         found = set()
         for module in self._all_modules:
             parent, _, last = module.rpartition(".")
@@ -521,7 +530,7 @@ class Checkpoint:
                 found.add(parent)
             if _ATTENTION_NAME.match(module):
                 found.add(module)
-        return sorted(found, key=_natural_key)
+        return tuple(sorted(found, key=_natural_key))
 
     def activation_params(self, module: str) -> ActivationParams:
         """The activation / attention parameters a module stores and those its scheme needs.
@@ -530,13 +539,13 @@ class Checkpoint:
         modules ``input_*`` and ``output_*`` by their config group. Present tensors are
         validated (dtype, shape, finite and positive scales); absent ones are listed as missing.
         """
-        if module in self.attention_modules():
+        if module in self._attention_set:
             return self._attention_params(module)
         local = self._locals.get(module)
         if local is None:
             raise CTRefError("no tensors under this module name", tensor=module)
         expected: list[activations.ExpectedParam] = []
-        if _root(local) is not None:
+        if root_tensor(local) is not None:
             info = self.module_info(module)
             if info.scheme is not None and not self._marlin_checkpoint():
                 expected = activations.linear_expectations(
@@ -675,7 +684,7 @@ def _read_headers(
     headers: dict[str, TensorHeader] = {}
     for file in files:
         try:
-            handle = safe_open(str(directory / file), framework="pt")
+            handle = _open_shard(directory / file)
         except Exception as error:  # safetensors raises its own error types for bad headers
             raise CTRefError(f"cannot read the safetensors header ({error})", file=file) from None
         handles[file] = handle
@@ -727,8 +736,21 @@ def _close_all(handles: Mapping[str, Any]) -> None:
 # Small helpers
 
 
-def _root(local: Mapping[str, str]) -> str | None:
-    """The local name of a module's weight root tensor (§3.0 step 2), or None."""
+def _open_shard(path: Path) -> Any:
+    """A safetensors handle reading with ``pread``: a memory map would keep every byte read
+    resident in the process, so memory would grow with the checkpoint instead of the module.
+    Older safetensors have only the memory map."""
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:
+        return safe_open(str(path), framework="pt")
+
+
+def root_tensor(local: Mapping[str, str]) -> str | None:
+    """The local name of a module's weight root tensor (§3.0 step 2), or None.
+
+    ``local`` maps a module's local tensor names (``weight_packed``…) to anything.
+    """
     if "compressed" in local and "bitmask" in local:
         return "compressed"
     if "meta" in local and "scale_packed" in local:
