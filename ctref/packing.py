@@ -14,7 +14,6 @@ values come back signed, as int8.
 from __future__ import annotations
 
 import math
-import sys
 from functools import lru_cache
 
 import torch
@@ -22,11 +21,7 @@ import torch
 from ctref.errors import CTRefError
 
 LAYOUTS = ("dense", "legacy")
-
-if sys.byteorder != "little":  # int32 words are read back as their bytes in memory order
-    raise ImportError("ctref.packing assumes a little-endian machine")
 _WORD = 32
-_BYTE = 8
 _WORD_MASK = (1 << _WORD) - 1
 
 
@@ -68,20 +63,9 @@ def unpack(packed: torch.Tensor, bits: int, length: int, layout: str = "dense") 
             f"layout, found {packed.shape[-1]}"
         )
     mask = (1 << bits) - 1
-    if _BYTE % bits == 0:
-        # Fields never straddle a byte (both layouts agree): read the little-endian words as
-        # bytes and split each byte with constant shifts, which compilers vectorize.
-        stream = packed.contiguous().reshape(-1).view(torch.uint8)
-        stream = stream.reshape(*packed.shape[:-1], 4 * packed.shape[-1])
-        if stream.is_cuda:
-            # Triton fuses a per-slot shift into the consumer: one kernel, no byte planes.
-            shifts = torch.arange(0, _BYTE, bits, dtype=torch.uint8, device=stream.device)
-            fields = ((stream.unsqueeze(-1) >> shifts) & mask).flatten(-2)
-        else:
-            fields = torch.stack(
-                [(stream >> (bits * slot)) & mask for slot in range(_BYTE // bits)], dim=-1
-            ).flatten(-2)
-    elif layout == "legacy":
+    if _WORD % bits == 0 or layout == "legacy":
+        # Whole fields per word: int32 shifts suffice, the mask drops the sign extension. One
+        # fused kernel when compiled (measured faster on CPU than splitting bytes into planes).
         per_word = _WORD // bits
         shifts = torch.arange(per_word, dtype=torch.int32, device=packed.device) * bits
         fields = ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
@@ -92,8 +76,8 @@ def unpack(packed: torch.Tensor, bits: int, length: int, layout: str = "dense") 
         chunks = torch.nn.functional.pad(chunks, (0, 1))
         pairs = chunks[..., low] | (chunks[..., low + 1] << _WORD)
         fields = ((pairs >> shift) & mask).flatten(-2)
-    # int8 arithmetic, which compilers vectorize; for 8 bits, fields above 127 wrap on the cast
-    # and wrap back on the subtraction (two's complement), landing exactly on u - 128.
+    # int8 arithmetic: for 8 bits, fields above 127 wrap on the cast and wrap back on the
+    # subtraction (two's complement), landing exactly on u - 128.
     return fields[..., :length].to(torch.int8) - (1 << (bits - 1))
 
 
