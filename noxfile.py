@@ -8,6 +8,7 @@ container), run ``nox --no-venv -s <session>``: nothing is pinned then, and the 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import nox
 
@@ -17,6 +18,7 @@ nox.options.reuse_existing_virtualenvs = True
 PYTHON = "3.11"
 CONSTRAINTS = "constraints/cpu.txt"
 LEGACY_PEER = "compressed-tensors==0.14.0.1"
+GPU_BACKENDS = ("torch-kernels", "transformers")
 
 
 def install(session: nox.Session, *args: str) -> None:
@@ -95,3 +97,33 @@ def certify(session: nox.Session) -> None:
         "pytest", "conformance", "-n", workers(), "--report-dir", f"reports/{backend}",
         *session.posargs,
     )
+
+
+def gpu_count() -> int:
+    """GPUs on this host as ``nvidia-smi -L`` lists them (0 without a driver)."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listing.stdout.splitlines())
+
+
+@nox.session(python=PYTHON)
+def gpu(session: nox.Session) -> None:
+    """The GPU suite: the gpu-marked tests, then the conformance suite on CUDA for each GPU
+    backend, reports in ``reports/gpu/<backend>/``. Needs a CUDA build of torch: where one is
+    installed, ``pip install -e .[test,peer]`` and run ``nox --no-venv --no-install -s gpu``
+    (nox refuses ``session.install`` without a virtualenv otherwise). One
+    pytest-xdist worker per GPU (CTREF_WORKERS overrides), each pinned to its own device by
+    ``conformance.arch``. Arguments go to every pytest run."""
+    gpus = gpu_count()
+    if gpus == 0:
+        session.error("nvidia-smi lists no GPU: the GPU suite needs one")
+    install(session, "-e", ".[test,peer]")
+    count = os.environ.get("CTREF_WORKERS", str(gpus))
+    session.run("pytest", "-p", "conformance.arch", "tests", "-m", "gpu", "-n", count, *session.posargs)
+    for backend in GPU_BACKENDS:
+        session.run(
+            "pytest", "conformance", "--backend", backend, "--device", "cuda", "-n", count,
+            "--report-dir", f"reports/gpu/{backend}", *session.posargs,
+        )

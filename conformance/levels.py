@@ -9,17 +9,14 @@ own tests call them directly with deliberately broken backends.
 
 from __future__ import annotations
 
-import fnmatch
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import ctref
-from conformance import oracle
+from conformance import arch, oracle
 from conformance.backends.base import (
     Backend,
     LoadedCheckpoint,
@@ -32,7 +29,6 @@ from ctref import tolerance
 from ctref.config import QuantArgs, QuantScheme
 
 Record = Callable[..., None]
-EXPECTED_TABLES = Path(__file__).parent / "expected"
 PROBE_COLUMNS = 1024
 """One-hot probe rows per layer at most: every column up to this K, an even spread beyond."""
 
@@ -98,20 +94,13 @@ def scheme_key(scheme: QuantScheme | None) -> str:
     return key
 
 
-@cache
-def expected_table(name: str) -> tuple[tuple[str, str | None], ...]:
-    """``conformance/expected/<name>.toml``: ``[[map]]`` rows of (scheme glob, label), in order.
-    A row with ``label = "refuse"`` says the engine must refuse the scheme."""
-    data = tomllib.loads((EXPECTED_TABLES / f"{name}.toml").read_text(encoding="utf-8"))
-    return tuple(
-        (row["scheme"], None if row["label"] == "refuse" else row["label"]) for row in data["map"]
-    )
-
-
-def expected_label(table: str, scheme: QuantScheme | None) -> str | None:
-    """The label the table expects for a scheme; None means refuse (also for schemes it lacks)."""
-    key = scheme_key(scheme)
-    return next((label for glob, label in expected_table(table) if fnmatch.fnmatchcase(key, glob)), None)
+def expected_label(
+    table: str, scheme: QuantScheme | None, fmt: str | None = None, sparsity: str | None = None
+) -> str | None:
+    """The label ``conformance/expected/<table>.toml`` expects for a module's scheme, format and
+    sparsity format (rows and their restrictions: :func:`conformance.arch.expected_label`);
+    None means refuse (also for schemes it lacks)."""
+    return arch.expected_label(table, scheme_key(scheme), fmt=fmt, sparsity=sparsity)
 
 
 def _engine_scheme(resolved: ResolvedModule, module: str) -> QuantScheme | None:
@@ -139,7 +128,7 @@ def check_config(backend: Backend, loaded: LoadedCheckpoint, case: Case, record:
             problems.append(f"{name}: the engine does not report this module ({scheme_key(info.scheme)})")
             continue
         if backend.scheme_table is not None:
-            want = expected_label(backend.scheme_table, info.scheme)
+            want = expected_label(backend.scheme_table, info.scheme, info.format, info.sparsity_format)
             if got.label is None and want is not None:
                 refusals[name] = f"the engine refuses '{scheme_key(info.scheme)}' (the table has {want})"
             elif got.label != want:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from conformance import report
+from conformance import arch, levels, report
 from conformance.backends import UnknownBackend, load_backend, selected_name
 from conformance.backends.base import Backend, LoadedCheckpoint, NotSupported
 from conformance.cases import Case, NoCases, cases_under, catalog_cases
@@ -37,6 +37,7 @@ from conformance.results import (
     load_expectations,
     summarize,
 )
+from ctref.errors import CTRefError
 
 GENERATION_JOBS = min(4, os.cpu_count() or 1)
 RESULT_PROPERTY = "ctref_result"
@@ -48,8 +49,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--backend",
         default=None,
-        help="engine adapter to run (built-ins: reference, compressed-tensors, transformers; or an "
-        "entry point of group ctref.backends); default $CTREF_BACKEND, else reference",
+        help="engine adapter to run (built-ins: reference, compressed-tensors, transformers, "
+        "torch-kernels, trtllm, vllm; or an entry point of group ctref.backends); default "
+        "$CTREF_BACKEND, else reference",
     )
     group.addoption("--device", default="cpu", help="device the engine runs on (default cpu)")
     group.addoption(
@@ -85,6 +87,32 @@ class Harness:
         self._loaded: dict[str, LoadedCheckpoint | Exception] = {}
         self.results: list[CaseResult] = []
         self.started = time.time()
+
+    @cached_property
+    def device_arch(self) -> str:
+        """The device's architecture (``sm90``, ``cpu``); asked once a test runs, after the
+        xdist worker is pinned to its GPU."""
+        return arch.device_arch(self.device)
+
+    def gate(self, case: Case, level: str) -> arch.Gate | None:
+        """Whether this device lacks a kernel for one of the case's modules at ``level``
+        (``conformance/arch_support.toml``), for backends with an expected table."""
+        if self.backend.scheme_table is None:
+            return None
+        try:
+            infos = levels.reference(case).modules()
+        except CTRefError:
+            return None  # the reference rejects the checkpoint: the levels report that
+        modules = [
+            arch.ModuleKey(i.name, levels.scheme_key(i.scheme), i.format, i.sparsity_format)
+            for i in infos
+        ]
+        return arch.gate(self.backend.name, self.backend.scheme_table, level, self.device_arch, modules)
+
+    def kernels(self, case: Case) -> dict[str, str] | None:
+        """Which kernel ran each module, for backends that say (``kernel_report()``)."""
+        report_of = getattr(self._loaded.get(case.name), "kernel_report", None)
+        return None if report_of is None else report_of()
 
     @cached_property
     def cases(self) -> list[Case]:
@@ -141,6 +169,12 @@ class Harness:
         write = terminalreporter.write_line
         terminalreporter.section(f"ctref conformance: {self.backend.name}")
         write(", ".join(f"{count} {verdict}" for verdict, count in summary.counts.items()))
+        gated = sum(r.message.startswith(arch.ARCH_PREFIX) for r in self.results)
+        if gated:
+            write(f"{gated} of the not-supported are not-supported (arch) on this device")
+        for result in self.results:
+            if arch.is_unexpected_pass(result.verdict, result.message):
+                write(f"UNEXPECTED PASS {result.id}: {result.message}")
         for waiver in summary.stale_waivers:
             write(f"STALE waiver (matches no case): {waiver.pattern}: {waiver.reason} ({waiver.link})")
         for pattern in summary.unmatched_must_pass:
@@ -170,6 +204,8 @@ def harness_of(config: pytest.Config) -> Harness:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (issue 6: GPU backends)")
+    if _is_worker(config):
+        arch.pin_xdist_worker()  # one GPU per worker, before anything initializes CUDA
     name = selected_name(config.getoption("--backend"))
     try:
         backend = load_backend(name)
@@ -278,11 +314,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     level = _level_of(item.module)
     identifier = case_id(level, case.name)
     raw, message = _classify(call.excinfo)
+    raw, message = arch.apply_gate(harness.gate(case, level), raw, message)
     verdict, message = final_verdict(raw, message, identifier, harness.expectations)
     measured: dict[str, Any] = {}
     for key, value in item.user_properties:
         if key == MEASURED_PROPERTY:
             measured.update(json.loads(value))
+    kernels = harness.kernels(case) if level in ("layer", "model") else None
+    if kernels:
+        measured.setdefault("measured", {})["kernels"] = kernels
     result = CaseResult(
         id=identifier,
         level=level,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 import conformance
+from conformance import arch
 from conformance.backends.base import Backend, NotSupported
 from conformance.results import (
     LEVELS,
@@ -120,6 +121,7 @@ def results_json(
         "counts": summary.counts,
         "stale_waivers": [vars(w) for w in summary.stale_waivers],
         "unmatched_must_pass": list(summary.unmatched_must_pass),
+        "unexpected_passes": [r.id for r in results if arch.is_unexpected_pass(r.verdict, r.message)],
         "must_pass": list(expectations.must_pass),
         "cases": [result.to_dict() for result in results],
     }
@@ -246,6 +248,10 @@ def certificate(
     if unsupported:
         lines += ["", "## Not supported", ""]
         lines += [f"- `{r.id}`: {_first_line(r.message)}" for r in unsupported]
+    unexpected = [r for r in results if arch.is_unexpected_pass(r.verdict, r.message)]
+    if unexpected:
+        lines += ["", "## Unexpected passes (`conformance/arch_support.toml` says this GPU lacks the kernel: fix the table)", ""]
+        lines += [f"- `{r.id}`: {_first_line(r.message)}" for r in unexpected]
     if summary.stale_waivers:
         lines += ["", "## Stale waivers (match no case: remove them)", ""]
         lines += [f"- `{w.pattern}`: {w.reason} ({w.link})" for w in summary.stale_waivers]

@@ -27,6 +27,9 @@ BUILTIN = {
     "reference": "conformance.backends.reference:ReferenceBackend",
     "compressed-tensors": "conformance.backends.compressed_tensors:CompressedTensorsBackend",
     "transformers": "conformance.backends.transformers:TransformersBackend",
+    "torch-kernels": "conformance.backends.torch_kernels:TorchKernelsBackend",
+    "trtllm": "conformance.backends.trtllm:TensorRTLLMBackend",
+    "vllm": "conformance.backends.vllm:VLLMBackend",
 }
 
 
