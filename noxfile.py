@@ -2,7 +2,8 @@
 
 Sessions build their own virtual environment with the CPU build of torch pinned in
 ``constraints/cpu.txt``. Inside an environment that already has its own torch (an engine
-container), run ``nox --no-venv -s <session>``: nothing is pinned then, and the torch there is kept.
+container), install ctref there (``pip install -e .[test]``) and run ``nox --no-venv --no-install -s
+<session>``: nothing is installed or pinned then, and the torch there is kept.
 """
 
 from __future__ import annotations
