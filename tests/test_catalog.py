@@ -437,7 +437,11 @@ def test_impossible_entries_fail_naming_entry_field_and_rule(data, key, rule):
 
 
 def test_catalog_entries_hold_valid_quantization_args():
+    """Every args dict parses as the format validates it (an invalid one raises CTRefError)."""
+    checked = 0
     for case, group, _ in all_schemes():
         for args in (group.weights, group.input_activations):
             if args is not None:
-                QuantArgs.from_dict(args, key=f"case.{case.name}")
+                assert isinstance(QuantArgs.from_dict(args, key=f"case.{case.name}"), QuantArgs)
+                checked += 1
+    assert checked > 0

@@ -260,7 +260,7 @@ def stored_for(name: str, shape=(4, 64), dtype=BF16) -> tuple[object, QuantArgs,
     return fmt, args, fmt.encode(weight(shape, dtype), args)
 
 
-def refused(name: str, stored: dict, tensor: str, rule: str, args: QuantArgs | None = None):
+def assert_refused(name: str, stored: dict, tensor: str, rule: str, args: QuantArgs | None = None):
     fmt, default_args = case(name)
     with pytest.raises(CTRefError) as error:
         fmt.decode(stored, args or default_args, layout="dense")
@@ -273,7 +273,7 @@ def test_nan_fp8_scale_is_refused():
     _, _, stored = stored_for("nvfp4-pack-quantized")
     scale = stored["weight_scale"].view(torch.uint8).clone()
     scale[1, 2] = 0x7F
-    refused(
+    assert_refused(
         "nvfp4-pack-quantized",
         {**stored, "weight_scale": scale.view(torch.float8_e4m3fn)},
         "weight_scale",
@@ -285,7 +285,7 @@ def test_nan_fp8_scale_is_refused():
 def test_bad_global_scale_value_is_refused(value):
     _, _, stored = stored_for("nvfp4-pack-quantized")
     stored["weight_global_scale"] = torch.tensor([value])
-    refused("nvfp4-pack-quantized", stored, "weight_global_scale", "finite positive")
+    assert_refused("nvfp4-pack-quantized", stored, "weight_global_scale", "finite positive")
 
 
 @pytest.mark.parametrize(
@@ -294,7 +294,7 @@ def test_bad_global_scale_value_is_refused(value):
 )
 def test_global_scale_must_be_fp32_of_shape_1(global_scale, rule):
     _, _, stored = stored_for("nvfp4-pack-quantized")
-    refused(
+    assert_refused(
         "nvfp4-pack-quantized",
         {**stored, "weight_global_scale": global_scale},
         "weight_global_scale",
@@ -305,10 +305,10 @@ def test_global_scale_must_be_fp32_of_shape_1(global_scale, rule):
 def test_global_scale_presence_follows_the_strategy():
     _, _, stored = stored_for("nvfp4-pack-quantized")
     without = {k: v for k, v in stored.items() if k != "weight_global_scale"}
-    refused("nvfp4-pack-quantized", without, "weight_global_scale", "missing")
+    assert_refused("nvfp4-pack-quantized", without, "weight_global_scale", "missing")
     _, _, grouped = stored_for("nvfp4-group")
     with_global = {**grouped, "weight_global_scale": torch.tensor([1.0])}
-    refused("nvfp4-group", with_global, "weight_global_scale", "strategy 'group'")
+    assert_refused("nvfp4-group", with_global, "weight_global_scale", "strategy 'group'")
 
 
 @pytest.mark.parametrize("element_codes", ["zero", "non-zero"])
@@ -323,14 +323,14 @@ def test_e8m0_code_255_is_refused(element_codes):
     scale = torch.full((2, 2), 127, dtype=torch.uint8)
     scale[1, 0] = 255
     stored = {"weight_packed": fpcodes.pack_fp4(codes), "weight_scale": scale}
-    error = refused("mxfp4-pack-quantized", stored, "weight_scale", "255")
+    error = assert_refused("mxfp4-pack-quantized", stored, "weight_scale", "255")
     assert "NaN" in error.rule and "Inf" in error.rule
 
 
 def test_e8m0_overflow_is_refused_but_large_finite_scales_decode():
     scale = torch.tensor([[254]], dtype=torch.uint8)
     largest = fpcodes.pack_fp4(torch.full((1, 32), 7, dtype=torch.uint8))  # 6 * 2^127 > bf16 max
-    refused(
+    assert_refused(
         "mxfp4-pack-quantized",
         {"weight_packed": largest, "weight_scale": scale},
         "weight_scale",
@@ -346,7 +346,7 @@ def test_fp8_nan_weight_is_refused():
     _, _, stored = stored_for("mxfp8-quantized")
     codes = stored["weight"].view(torch.uint8).clone()
     codes[0, 5] = 0xFF
-    refused(
+    assert_refused(
         "mxfp8-quantized", {**stored, "weight": codes.view(torch.float8_e4m3fn)}, "weight", "NaN"
     )
 
@@ -357,13 +357,13 @@ def test_fp8_nan_weight_is_refused():
 def test_packed_width_that_disagrees_with_the_scales_is_refused(name):
     _, _, stored = stored_for(name, shape=(4, 64))
     wider = torch.cat([stored["weight_packed"]] * 2, dim=-1)  # K = 128 against scales for K = 64
-    error = refused(name, {**stored, "weight_packed": wider}, "weight_scale", "expected shape")
+    error = assert_refused(name, {**stored, "weight_packed": wider}, "weight_scale", "expected shape")
     assert "(4, 128)" in error.rule
 
 
 def test_fp6_width_must_hold_whole_triples():
     _, _, stored = stored_for("mxfp6-pack-quantized")
-    refused(
+    assert_refused(
         "mxfp6-pack-quantized",
         {**stored, "weight_packed": stored["weight_packed"][:, :-1]},
         "weight_packed",
@@ -395,7 +395,7 @@ def test_k_must_fill_whole_groups(name, cols):
             "weight_scale": torch.ones(4, 2).to(torch.float8_e4m3fn),
             "weight_global_scale": torch.tensor([1.0]),
         }
-        refused(name, stored, "weight_packed", "multiple of the group size")
+        assert_refused(name, stored, "weight_packed", "multiple of the group size")
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -403,7 +403,7 @@ def test_fewer_than_two_dimensions_are_refused(name):
     fmt, args = case(name)
     _, _, stored = stored_for(name)
     root = "weight" if name == "mxfp8-quantized" else "weight_packed"
-    refused(name, {**stored, root: stored[root][0]}, root, "two dimensions")
+    assert_refused(name, {**stored, root: stored[root][0]}, root, "two dimensions")
     with pytest.raises(CTRefError, match="two dimensions"):
         fmt.expected_tensors(args, (64,), layout="dense")
     with pytest.raises(CTRefError, match="two dimensions"):
@@ -421,7 +421,7 @@ def test_fewer_than_two_dimensions_are_refused(name):
 )
 def test_wrong_dtype_is_refused(name, tensor, replacement):
     _, _, stored = stored_for(name)
-    refused(name, {**stored, tensor: replacement(stored[tensor])}, tensor, "expected dtype")
+    assert_refused(name, {**stored, tensor: replacement(stored[tensor])}, tensor, "expected dtype")
 
 
 @pytest.mark.parametrize(

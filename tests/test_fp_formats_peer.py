@@ -103,7 +103,7 @@ def weight(shape, dtype, seed) -> torch.Tensor:
     return w.to(dtype)
 
 
-def compare_with_library(name: str, w: torch.Tensor) -> None:
+def assert_matches_library(name: str, w: torch.Tensor) -> None:
     """ctref's encode bytes == the library's compress bytes (same qparams); decodes equal."""
     args, _ = both_args(name)
     fmt = get_format(format_name(name))
@@ -125,7 +125,7 @@ def compare_with_library(name: str, w: torch.Tensor) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(16, 64), (5, 96), (2, 3, 64)])
 def test_encode_and_decode_match_the_library(name, dtype, shape):
-    compare_with_library(name, weight(shape, dtype, seed=sum(shape)))
+    assert_matches_library(name, weight(shape, dtype, seed=sum(shape)))
 
 
 @pytest.mark.parametrize("name", MX_CASES)
@@ -147,7 +147,7 @@ def test_ties_and_signed_zeros_match_the_library(name, dtype):
     row = torch.cat([torch.tensor([grid]), values])[: values.numel()]
     scale = fpcodes.mx_scale(torch.tensor([grid], dtype=torch.float32), args.num_bits)
     w = (row * scale).reshape(1, -1).to(dtype)
-    compare_with_library(name, w)
+    assert_matches_library(name, w)
 
 
 @pytest.mark.parametrize("name", CASES)
