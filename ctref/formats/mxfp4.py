@@ -89,6 +89,27 @@ def quantize_mx(
     return qmath.quantize(weight, scale, args=args), codes
 
 
+def mx_expected_tensors(
+    args: QuantArgs | None,
+    format_name: str,
+    bits: int,
+    weight_shape: Sequence[int],
+    root: str,
+    codes: int,
+    stored: int,
+) -> list[TensorSpec]:
+    """What an MX format stores: ``root`` holding ``stored`` units per ``codes`` columns
+    (uint8, or FP8 codes for MXFP8), and uint8 E8M0 scales of the group shape."""
+    args = check_float_args(args, format_name, bits, MX_STRATEGIES)
+    lead, rows, cols = split_shape(weight_shape, tensor="weight")
+    check_columns(cols, args, codes, tensor="weight")
+    dtype = torch.float8_e4m3fn if bits == 8 else torch.uint8
+    return [
+        TensorSpec(root, (dtype,), (*lead, rows, cols // codes * stored)),
+        TensorSpec("weight_scale", (torch.uint8,), qmath.param_shape(args, weight_shape)),
+    ]
+
+
 @register
 class Mxfp4PackQuantized:
     names = ("mxfp4-pack-quantized",)
@@ -97,13 +118,7 @@ class Mxfp4PackQuantized:
         self, args: QuantArgs | None, weight_shape: Sequence[int], *, layout: str
     ) -> list[TensorSpec]:
         """Packed codes and E8M0 scales; ``layout`` is unused."""
-        args = check_float_args(args, self.names[0], 4, MX_STRATEGIES)
-        lead, rows, cols = split_shape(weight_shape, tensor="weight")
-        check_columns(cols, args, 2, tensor="weight")
-        return [
-            TensorSpec("weight_packed", (torch.uint8,), (*lead, rows, cols // 2)),
-            TensorSpec("weight_scale", (torch.uint8,), qmath.param_shape(args, weight_shape)),
-        ]
+        return mx_expected_tensors(args, self.names[0], 4, weight_shape, "weight_packed", 2, 1)
 
     def decode(
         self, tensors: Mapping[str, torch.Tensor], args: QuantArgs | None, *, layout: str

@@ -15,7 +15,12 @@ from ctref import fpcodes, qmath
 from ctref.config import QuantArgs
 from ctref.errors import CTRefError
 from ctref.formats.base import TensorSpec, register, require
-from ctref.formats.mxfp4 import MX_STRATEGIES, dequantize_mx, quantize_mx
+from ctref.formats.mxfp4 import (
+    MX_STRATEGIES,
+    dequantize_mx,
+    mx_expected_tensors,
+    quantize_mx,
+)
 from ctref.formats.nvfp4 import (
     check_columns,
     check_float_args,
@@ -34,13 +39,9 @@ class Mxfp6PackQuantized:
         self, args: QuantArgs | None, weight_shape: Sequence[int], *, layout: str
     ) -> list[TensorSpec]:
         """Packed codes and E8M0 scales; ``layout`` is unused."""
-        args = check_float_args(args, self.names[0], 6, MX_STRATEGIES)
-        lead, rows, cols = split_shape(weight_shape, tensor="weight")
-        check_columns(cols, args, _CODES_PER_TRIPLE, tensor="weight")
-        return [
-            TensorSpec("weight_packed", (torch.uint8,), (*lead, rows, cols * 3 // 4)),
-            TensorSpec("weight_scale", (torch.uint8,), qmath.param_shape(args, weight_shape)),
-        ]
+        return mx_expected_tensors(
+            args, self.names[0], 6, weight_shape, "weight_packed", _CODES_PER_TRIPLE, 3
+        )
 
     def decode(
         self, tensors: Mapping[str, torch.Tensor], args: QuantArgs | None, *, layout: str

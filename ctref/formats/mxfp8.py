@@ -15,8 +15,18 @@ import torch
 from ctref import qmath
 from ctref.config import QuantArgs
 from ctref.formats.base import TensorSpec, check_fp8_finite, register, require
-from ctref.formats.mxfp4 import MX_STRATEGIES, dequantize_mx, quantize_mx
-from ctref.formats.nvfp4 import check_columns, check_float_args, check_weight, split_shape
+from ctref.formats.mxfp4 import (
+    MX_STRATEGIES,
+    dequantize_mx,
+    mx_expected_tensors,
+    quantize_mx,
+)
+from ctref.formats.nvfp4 import (
+    check_columns,
+    check_float_args,
+    check_weight,
+    split_shape,
+)
 
 
 def _fp8_values(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -31,13 +41,7 @@ class Mxfp8Quantized:
         self, args: QuantArgs | None, weight_shape: Sequence[int], *, layout: str
     ) -> list[TensorSpec]:
         """FP8 weight and E8M0 scales; ``layout`` is unused."""
-        args = check_float_args(args, self.names[0], 8, MX_STRATEGIES)
-        _, _, cols = split_shape(weight_shape, tensor="weight")
-        check_columns(cols, args, 1, tensor="weight")
-        return [
-            TensorSpec("weight", (torch.float8_e4m3fn,), tuple(weight_shape)),
-            TensorSpec("weight_scale", (torch.uint8,), qmath.param_shape(args, weight_shape)),
-        ]
+        return mx_expected_tensors(args, self.names[0], 8, weight_shape, "weight", 1, 1)
 
     def decode(
         self, tensors: Mapping[str, torch.Tensor], args: QuantArgs | None, *, layout: str
